@@ -1,0 +1,45 @@
+//! Hindsight's write side. A command from the API arrives here with its
+//! [`metadata::EventMetadata`] envelope, is decided by the pure domain aggregate loaded
+//! from the Postgres event store ([`store`], cqrs-es over postgres-es with snapshots), and
+//! its events are appended with a global position. Uniqueness of e-mail addresses and SKUs
+//! is claimed in the same transaction as the creating event (see `migrations/`).
+//!
+//! [`aggregate`] adapts the domain aggregates to cqrs-es, [`db`] connects and migrates,
+//! and [`CommandBus`] bundles one [`store::AggregateStore`] per aggregate type.
+
+use std::sync::Arc;
+
+use hindsight_domain::{order::Order, product::Product, user::User};
+use sqlx::PgPool;
+
+pub mod aggregate;
+pub mod db;
+pub mod metadata;
+pub mod store;
+
+pub use metadata::{Actor, ActorRole, EventMetadata};
+pub use store::{AggregateStore, Executed, Refusal, StoreError, StoreSettings, UniqueKey};
+
+/// The write path of every aggregate type, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CommandBus {
+    pub users: Arc<AggregateStore<User>>,
+    pub products: Arc<AggregateStore<Product>>,
+    pub orders: Arc<AggregateStore<Order>>,
+    pool: PgPool,
+}
+
+impl CommandBus {
+    pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
+        Self {
+            users: Arc::new(AggregateStore::new(pool.clone(), settings)),
+            products: Arc::new(AggregateStore::new(pool.clone(), settings)),
+            orders: Arc::new(AggregateStore::new(pool.clone(), settings)),
+            pool,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
