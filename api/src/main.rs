@@ -1,0 +1,19 @@
+//! The `hindsight` binary: parse the command line, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hindsight_api::config::Cli;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    hindsight_api::telemetry::init(cli.logging.log_format);
+    match hindsight_api::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

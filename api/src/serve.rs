@@ -1,0 +1,146 @@
+//! `hindsight serve`: the HTTP API, the relay and the projection workers in one process,
+//! each switchable off so they can also run as separate processes. All of them share one
+//! cancellation token: a signal (SIGINT/SIGTERM) or the failure of any component stops
+//! the others, and the HTTP server lets in-flight requests finish first.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hindsight_commands::{db, CommandBus, StoreSettings};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeArgs;
+use crate::password::Passwords;
+use crate::state::{AppState, HttpSettings};
+
+/// How long components get to finish after shutdown was requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Connects to NATS without waiting for it: commands are accepted while NATS is down and
+/// the client keeps reconnecting in the background.
+pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .with_context(|| format!("NATS_URL `{url}` cannot be used"))
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let pool = db::pool(
+        args.database.database_url.connect_options(),
+        args.database.db_max_connections,
+    );
+    let report = db::migrate(&pool)
+        .await
+        .context("applying database migrations (check DATABASE_URL)")?;
+    for migration in &report.applied {
+        tracing::info!(%migration, "migration applied");
+    }
+    let nats = connect_nats(&args.nats_url).await?;
+    let commands = CommandBus::new(
+        pool.clone(),
+        StoreSettings {
+            snapshot_every: args.database.snapshot_every as usize,
+            ..StoreSettings::default()
+        },
+    );
+    let passwords = Passwords::new(args.max_concurrent_hashes as usize)
+        .context("initialising password hashing")?;
+    let state = AppState {
+        commands,
+        pool,
+        nats: Some(nats),
+        passwords,
+        settings: Arc::new(HttpSettings {
+            body_limit: args.body_limit,
+            request_timeout: args.request_timeout,
+            cors_origins: args.cors_origins.clone(),
+            hsts: args.hsts,
+        }),
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut components: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
+    if args.run_api {
+        let listener = tokio::net::TcpListener::bind(args.listen_addr)
+            .await
+            .with_context(|| {
+                format!("HINDSIGHT_LISTEN_ADDR {} cannot be bound", args.listen_addr)
+            })?;
+        tracing::info!(addr = %args.listen_addr, "HTTP API listening");
+        let app = crate::build_app(state.clone());
+        let stop = shutdown.clone();
+        components.spawn(async move {
+            let result = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .context("HTTP server failed");
+            ("api", result)
+        });
+    }
+    if components.is_empty() {
+        anyhow::bail!("every component is switched off: enable at least one of HINDSIGHT_RUN_API, HINDSIGHT_RUN_RELAY, HINDSIGHT_RUN_PROJECTIONS");
+    }
+
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutdown requested"),
+        Some(finished) = components.join_next() => {
+            match finished {
+                Ok((name, Ok(()))) => tracing::warn!(component = name, "component stopped"),
+                Ok((name, Err(error))) => tracing::error!(component = name, error = format!("{error:#}"), "component failed"),
+                Err(error) => tracing::error!(%error, "component panicked"),
+            }
+        }
+    }
+    shutdown.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(finished) = components.join_next().await {
+            if let Ok((name, Err(error))) = finished {
+                tracing::error!(
+                    component = name,
+                    error = format!("{error:#}"),
+                    "component failed while stopping"
+                );
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("components did not stop in time; exiting anyway");
+    }
+    state.pool.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}

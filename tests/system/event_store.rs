@@ -1,0 +1,517 @@
+//! The event store: migrations, the append-only guard, positions and metadata,
+//! optimistic concurrency, snapshots, and uniqueness under concurrency.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use hindsight_commands::{Actor, EventMetadata, Refusal, StoreSettings, UniqueKey};
+use hindsight_domain::ids::{ProductId, UserId};
+use hindsight_domain::product::{ProductCommand, ProductError};
+use hindsight_domain::role::Role;
+use hindsight_domain::user::{PasswordHash, UserCommand};
+use hindsight_domain::values::{
+    Currency, Description, Email, Money, PersonName, ProductName, Quantity, Sku,
+};
+use hindsight_tests::TestDb;
+use sqlx::Row;
+
+fn metadata(request: &str) -> EventMetadata {
+    EventMetadata::for_request(Actor::system(), request)
+}
+
+fn register(user_id: UserId, email: &str) -> UserCommand {
+    UserCommand::Register {
+        user_id,
+        email: Email::parse(email).unwrap(),
+        name: PersonName::parse("Ann Example").unwrap(),
+        password_hash: PasswordHash::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_owned())
+            .unwrap(),
+        role: Role::Customer,
+    }
+}
+
+fn create_product(product_id: ProductId, sku: &str, stock: u32) -> ProductCommand {
+    ProductCommand::Create {
+        product_id,
+        sku: Sku::parse(sku).unwrap(),
+        name: ProductName::parse("Widget").unwrap(),
+        description: Description::parse("A widget").unwrap(),
+        price: Money::new(1999, Currency::parse("EUR").unwrap()).unwrap(),
+        stock,
+    }
+}
+
+fn restock(quantity: u32) -> ProductCommand {
+    ProductCommand::Restock {
+        quantity: Quantity::new(quantity).unwrap(),
+    }
+}
+
+/// Tables, columns, constraints and triggers of the public schema, as one string.
+async fn schema_fingerprint(db: &TestDb) -> String {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name || '.' || column_name || ':' || data_type || ':' || is_nullable \
+           FROM information_schema.columns WHERE table_schema = 'public' \
+         UNION ALL SELECT conrelid::regclass::text || ':' || conname FROM pg_constraint \
+           WHERE connamespace = 'public'::regnamespace \
+         UNION ALL SELECT tgrelid::regclass::text || ':' || tgname FROM pg_trigger \
+           WHERE NOT tgisinternal \
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    rows.join("\n")
+}
+
+#[tokio::test]
+async fn migrating_an_up_to_date_database_changes_nothing() {
+    let db = TestDb::new().await;
+    let before = schema_fingerprint(&db).await;
+    let migrations_before: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+
+    let report = hindsight_commands::db::migrate(&db.pool).await.unwrap();
+
+    assert!(
+        report.applied.is_empty(),
+        "applied again: {:?}",
+        report.applied
+    );
+    assert_eq!(schema_fingerprint(&db).await, before);
+    let migrations_after: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(migrations_after, migrations_before);
+    assert!(hindsight_commands::db::is_up_to_date(&db.pool)
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn the_database_refuses_to_change_history() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let user = UserId::new();
+    commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, "ann@example.com"),
+            &metadata("r1"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+
+    for statement in [
+        "UPDATE events SET payload = '{}'::jsonb",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(&db.pool)
+            .await
+            .expect_err(statement);
+        let code = error
+            .as_database_error()
+            .and_then(|db| db.code())
+            .map(|code| code.into_owned());
+        assert_eq!(code.as_deref(), Some("HA001"), "{statement}: {error}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn the_store_stamps_position_id_time_and_transaction_itself() {
+    let db = TestDb::new().await;
+    // A writer cannot choose the position, id or time of an event.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                             payload, metadata, position, event_id, recorded_at, transaction_id) \
+         VALUES ('test', 'x', 1, 'Tested', '1', '{}', '{}', 999999, \
+                 '00000000-0000-0000-0000-000000000000', '2000-01-01', '1')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let row = sqlx::query(
+        "SELECT position, event_id::text AS event_id, recorded_at > now() - interval '1 minute' AS fresh, \
+                transaction_id::text::bigint > 1 AS real_xid FROM events",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_ne!(row.get::<i64, _>("position"), 999999);
+    assert_ne!(
+        row.get::<String, _>("event_id"),
+        "00000000-0000-0000-0000-000000000000"
+    );
+    assert!(row.get::<bool, _>("fresh"));
+    assert!(row.get::<bool, _>("real_xid"));
+}
+
+#[tokio::test]
+async fn commands_answer_their_version_and_global_position_and_store_typed_metadata() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let user = UserId::new();
+    let first_metadata = EventMetadata::for_request(Actor::anonymous(), "req-register");
+    let registered = commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, "bob@example.com"),
+            &first_metadata,
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(registered.version, 1);
+    assert_eq!(registered.appended, 1);
+
+    let rename_metadata =
+        EventMetadata::for_request(Actor::user(user.as_uuid(), Role::Customer), "req-rename");
+    let renamed = commands
+        .users
+        .execute(
+            user.as_uuid(),
+            UserCommand::ChangeName {
+                name: PersonName::parse("Bob Renamed").unwrap(),
+            },
+            &rename_metadata,
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(renamed.version, 2);
+    assert!(renamed.position > registered.position);
+
+    // A no-op answers the current version and position and appends nothing.
+    let same = commands
+        .users
+        .execute(
+            user.as_uuid(),
+            UserCommand::ChangeName {
+                name: PersonName::parse("Bob Renamed").unwrap(),
+            },
+            &rename_metadata,
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (same.version, same.position, same.appended),
+        (2, renamed.position, 0)
+    );
+
+    let rows = sqlx::query(
+        "SELECT sequence, position, metadata FROM events \
+         WHERE aggregate_type = 'user' AND aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(user.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<i64, _>("position"), registered.position);
+    assert_eq!(rows[1].get::<i64, _>("position"), renamed.position);
+    let stored: serde_json::Value = rows[1].get("metadata");
+    assert_eq!(EventMetadata::from_json(&stored).unwrap(), rename_metadata);
+}
+
+#[tokio::test]
+async fn refusals_and_stale_versions_append_nothing() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let product = ProductId::new();
+    commands
+        .products
+        .execute(
+            product.as_uuid(),
+            create_product(product, "SKU-1", 5),
+            &metadata("r1"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+
+    let refused = commands
+        .products
+        .execute(
+            product.as_uuid(),
+            create_product(product, "SKU-1", 5),
+            &metadata("r2"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(refused, Refusal::Rule(ProductError::ProductAlreadyExists)),
+        "{refused:?}"
+    );
+
+    let stale = commands
+        .products
+        .execute(product.as_uuid(), restock(1), &metadata("r3"), Some(7))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(stale, Refusal::VersionMismatch { expected: 7 });
+
+    let current = commands
+        .products
+        .execute(product.as_uuid(), restock(1), &metadata("r4"), Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.version, 2);
+
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+        .bind(product.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+}
+
+#[tokio::test]
+async fn concurrent_commands_on_one_aggregate_are_all_applied_once() {
+    let db = TestDb::new().await;
+    let commands = Arc::new(db.commands(StoreSettings {
+        max_attempts: 50,
+        ..StoreSettings::default()
+    }));
+    let product = ProductId::new();
+    commands
+        .products
+        .execute(
+            product.as_uuid(),
+            create_product(product, "SKU-C", 0),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+
+    let results = join_all((1..=20u32).map(|n| {
+        let commands = Arc::clone(&commands);
+        async move {
+            commands
+                .products
+                .execute(
+                    product.as_uuid(),
+                    restock(n),
+                    &metadata(&format!("r{n}")),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await;
+    for result in results {
+        result.unwrap().unwrap();
+    }
+
+    let loaded = commands
+        .products
+        .load(product.as_uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.version, 21);
+    assert_eq!(loaded.state.stock_available(), (1..=20u64).sum::<u64>());
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(product.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, (1..=21).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn snapshots_bound_what_a_load_replays() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings {
+        snapshot_every: 10,
+        ..StoreSettings::default()
+    });
+    let product = ProductId::new();
+    commands
+        .products
+        .execute(
+            product.as_uuid(),
+            create_product(product, "SKU-S", 0),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    for n in 0..34 {
+        commands
+            .products
+            .execute(
+                product.as_uuid(),
+                restock(2),
+                &metadata(&format!("r{n}")),
+                None,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let last_sequence: i64 = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'product' AND aggregate_id = $1",
+    )
+    .bind(product.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_sequence, 30);
+
+    let loaded = commands
+        .products
+        .load(product.as_uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.version, 35);
+    assert_eq!(loaded.state.stock_available(), 68);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_registrations_of_one_email_make_exactly_one_user() {
+    let db = TestDb::new().await;
+    let commands = Arc::new(db.commands(StoreSettings::default()));
+    let spellings = ["dup@example.com", "DUP@example.com", "Dup@Example.COM"];
+    let results = join_all((0..50).map(|n| {
+        let commands = Arc::clone(&commands);
+        async move {
+            let user = UserId::new();
+            commands
+                .users
+                .execute(
+                    user.as_uuid(),
+                    register(user, spellings[n % spellings.len()]),
+                    &metadata(&format!("reg-{n}")),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await;
+
+    let mut accepted = 0;
+    for result in results {
+        match result.expect("no infrastructure failure") {
+            Ok(_) => accepted += 1,
+            Err(refusal) => assert_eq!(refusal, Refusal::Taken(UniqueKey::Email)),
+        }
+    }
+    assert_eq!(accepted, 1);
+    let users: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'UserRegistered'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(users, 1);
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM unique_keys WHERE kind = 'email'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 1);
+}
+
+#[tokio::test]
+async fn concurrent_products_with_one_sku_make_exactly_one_product() {
+    let db = TestDb::new().await;
+    let commands = Arc::new(db.commands(StoreSettings::default()));
+    let results = join_all((0..20).map(|n| {
+        let commands = Arc::clone(&commands);
+        async move {
+            let product = ProductId::new();
+            let sku = if n % 2 == 0 { "sku-dup" } else { "SKU-DUP" };
+            commands
+                .products
+                .execute(
+                    product.as_uuid(),
+                    create_product(product, sku, 1),
+                    &metadata("p"),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await;
+    let accepted = results
+        .into_iter()
+        .map(|result| result.expect("no infrastructure failure"))
+        .filter(|outcome| match outcome {
+            Ok(_) => true,
+            Err(refusal) => {
+                assert_eq!(refusal, &Refusal::Taken(UniqueKey::Sku));
+                false
+            }
+        })
+        .count();
+    assert_eq!(accepted, 1);
+}
+
+#[tokio::test]
+async fn a_refused_registration_leaves_no_key_claimed() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let user = UserId::new();
+    commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, "first@example.com"),
+            &metadata("a"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // Registering the same aggregate again is refused by the aggregate; the e-mail of the
+    // refused attempt must stay free for someone else.
+    let refused = commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, "second@example.com"),
+            &metadata("b"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(refused.is_err());
+    let other = UserId::new();
+    commands
+        .users
+        .execute(
+            other.as_uuid(),
+            register(other, "second@example.com"),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .expect("the e-mail of a refused registration is free");
+}

@@ -1,0 +1,8 @@
+//! Hindsight's system tests: one test binary, one module per capability. Each test makes
+//! its own database (and stream names) and cleans up; see `hindsight_tests`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod dependencies;
+mod event_store;
+mod health;
