@@ -14,9 +14,11 @@ use sqlx::PgPool;
 
 pub mod aggregate;
 pub mod db;
+pub mod event;
 pub mod metadata;
 pub mod store;
 
+pub use event::StoredEvent;
 pub use metadata::{Actor, ActorRole, EventMetadata};
 pub use store::{AggregateStore, Executed, Refusal, StoreError, StoreSettings, UniqueKey};
 

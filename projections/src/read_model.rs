@@ -1,0 +1,41 @@
+//! What a read model is to the projection worker: a name, the tables it owns, and a
+//! function that applies a batch of committed events inside the worker's transaction.
+
+use futures::future::BoxFuture;
+use hindsight_commands::event::EventDecodeError;
+use hindsight_commands::StoredEvent;
+use sqlx::PgConnection;
+
+/// Why a batch could not be applied. The worker rolls the transaction back and retries a
+/// bounded number of times before it marks the projection `failed`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Decode(#[from] EventDecodeError),
+    #[error("read-model write failed: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("event at position {position} breaks the read model: {reason}")]
+    Invariant { position: i64, reason: String },
+}
+
+/// A read model fed by the event stream.
+///
+/// `apply` receives events in global position order, every event of every aggregate type
+/// (a read model ignores what it does not need), and must write only through the given
+/// connection, which is inside the transaction that also advances the projection's
+/// checkpoint. It must be deterministic: a rebuild replays the same events into empty
+/// tables and must reach the same state.
+pub trait ReadModel: Send + Sync + 'static {
+    /// The projection's stable name, e.g. `users`.
+    fn name(&self) -> &'static str;
+
+    /// The tables this read model writes (as named for this instance).
+    fn tables(&self) -> Vec<String>;
+
+    /// Applies a batch of events, in order, through `connection`.
+    fn apply<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>>;
+}
