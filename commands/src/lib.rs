@@ -16,6 +16,7 @@ pub mod aggregate;
 pub mod db;
 pub mod event;
 pub mod metadata;
+pub mod relay;
 pub mod store;
 
 pub use event::StoredEvent;

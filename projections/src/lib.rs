@@ -5,4 +5,6 @@
 //! [`read_model`] defines what a read model is; one module per read model (`users`,
 //! `products`, `orders`, `sales`, `audit_trail`) holds its apply logic and its queries.
 
+pub mod progress;
 pub mod read_model;
+pub mod worker;

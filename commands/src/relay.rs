@@ -1,0 +1,483 @@
+//! The relay: publishes every committed event to NATS JetStream, in global position
+//! order, without gaps or loss.
+//!
+//! Positions are drawn from a sequence when a transaction inserts an event, but
+//! transactions commit in any order: a reader can see position 11 committed while 10 is
+//! still in flight, and a relay that simply advanced past 10 would lose it forever. The
+//! store stamps each event with its transaction id, drawn *before* its position (see
+//! `migrations/0001_event_store.sql`), so a transaction holding a position is always in
+//! the in-progress list of any later snapshot. The relay therefore reads events together
+//! with the snapshot that saw them, publishes the gap-free prefix, and at a gap either
+//! proves it permanent (no transaction in flight could fill it: it was rolled back) or
+//! waits until the transactions in flight at that snapshot have finished, then reads
+//! again. Nothing is skipped on a timer.
+//!
+//! Messages carry `Nats-Msg-Id` (the event id, for JetStream's duplicate window),
+//! `Hindsight-Position`, `Hindsight-Previous-Position` (the position published just
+//! before, so consumers can detect a gap exactly) and `Hindsight-Event-Type`. The
+//! checkpoint in Postgres only moves past acknowledged publishes, so a relay killed at any
+//! point republishes at most what was not yet checkpointed, and JetStream drops the
+//! duplicates. Only one relay per stream is active (a session advisory lock); another
+//! process takes over within seconds of its death. With NATS down, commands are still
+//! accepted and the relay catches up when NATS returns.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use sqlx::postgres::PgListener;
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{EventDecodeError, StoredEvent, EVENT_COLUMNS};
+
+/// The channel the event table notifies on commit.
+pub const EVENTS_CHANNEL: &str = "hindsight_events";
+
+pub const HEADER_POSITION: &str = "Hindsight-Position";
+pub const HEADER_PREVIOUS_POSITION: &str = "Hindsight-Previous-Position";
+pub const HEADER_EVENT_TYPE: &str = "Hindsight-Event-Type";
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// JetStream stream name.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<aggregate_type>.<aggregate_id>`.
+    pub subject_prefix: String,
+    /// Events read and published per round.
+    pub batch_size: i64,
+    /// Fallback poll interval when no notification arrives.
+    pub poll_interval: Duration,
+    /// How long the stream keeps messages (`None`: unbounded). Postgres keeps everything.
+    pub max_age: Option<Duration>,
+}
+
+impl RelaySettings {
+    pub fn new(stream: impl Into<String>, subject_prefix: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            subject_prefix: subject_prefix.into(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            max_age: None,
+        }
+    }
+
+    /// The subject filter covering every event of this stream.
+    pub fn all_subjects(&self) -> String {
+        format!("{}.>", self.subject_prefix)
+    }
+
+    /// The advisory-lock key name that elects the one active relay of this stream.
+    fn leader_key(&self) -> String {
+        format!("hindsight-relay:{}", self.stream)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("the event store failed: {0}")]
+    Store(#[from] sqlx::Error),
+    #[error(transparent)]
+    Decode(#[from] EventDecodeError),
+    #[error("JetStream is unavailable: {0}")]
+    JetStream(String),
+    #[error("the in-progress snapshot `{0}` could not be parsed")]
+    Snapshot(String),
+}
+
+/// A Postgres snapshot as `pg_current_snapshot()` prints it: `xmin:xmax:xip,...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot {
+    in_progress: Vec<u64>,
+}
+
+impl Snapshot {
+    fn parse(text: &str) -> Result<Self, RelayError> {
+        let bad = || RelayError::Snapshot(text.to_owned());
+        let mut parts = text.split(':');
+        let (_xmin, _xmax, xip) = (
+            parts.next().ok_or_else(bad)?,
+            parts.next().ok_or_else(bad)?,
+            parts.next().unwrap_or(""),
+        );
+        let in_progress = xip
+            .split(',')
+            .filter(|xid| !xid.is_empty())
+            .map(|xid| xid.parse::<u64>().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { in_progress })
+    }
+
+    fn is_in_progress(&self, xid: u64) -> bool {
+        self.in_progress.contains(&xid)
+    }
+}
+
+/// A gap the relay is waiting on: positions below `below` that were not visible are
+/// settled once every transaction in `in_flight` has finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GapWait {
+    in_flight: Vec<u64>,
+    below: i64,
+}
+
+/// How many of `positions` (ascending, all `> checkpoint`) may be published now.
+///
+/// A gap before a visible position is permanent when no transaction was in progress in
+/// the snapshot that saw the rows, or when it lies below an earlier wait whose in-flight
+/// transactions have all finished. Otherwise publishing stops at the gap and `wait`
+/// records what must finish first.
+fn publishable_prefix(
+    checkpoint: i64,
+    positions: &[i64],
+    snapshot: &Snapshot,
+    wait: &mut Option<GapWait>,
+) -> usize {
+    let settled_below = match wait {
+        Some(pending) if pending.in_flight.iter().all(|xid| !snapshot.is_in_progress(*xid)) => {
+            let below = pending.below;
+            *wait = None;
+            below
+        }
+        _ => 0,
+    };
+    let mut expected = checkpoint + 1;
+    for (index, &position) in positions.iter().enumerate() {
+        let gap = position != expected;
+        if gap && !snapshot.in_progress.is_empty() && position > settled_below {
+            let below = positions.last().copied().unwrap_or(position);
+            *wait = Some(GapWait {
+                in_flight: snapshot.in_progress.clone(),
+                below,
+            });
+            return index;
+        }
+        expected = position + 1;
+    }
+    positions.len()
+}
+
+/// Publishes the event store to JetStream. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pool: PgPool,
+    jetstream: jetstream::Context,
+    settings: RelaySettings,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// Published this many events; there may be more.
+    Published(usize),
+    /// Nothing new, or stopped at a gap that is still in flight.
+    Idle { waiting_on_gap: bool },
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, client: async_nats::Client, settings: RelaySettings) -> Self {
+        Self {
+            pool,
+            jetstream: jetstream::new(client),
+            settings,
+        }
+    }
+
+    /// Creates the stream if it does not exist yet.
+    pub async fn ensure_stream(&self) -> Result<(), RelayError> {
+        let config = stream::Config {
+            name: self.settings.stream.clone(),
+            subjects: vec![self.settings.all_subjects()],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            max_age: self.settings.max_age.unwrap_or_default(),
+            ..Default::default()
+        };
+        self.jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|error| RelayError::JetStream(error.to_string()))?;
+        Ok(())
+    }
+
+    /// The last position published and acknowledged for this stream (0 if none).
+    pub async fn checkpoint(&self) -> Result<i64, sqlx::Error> {
+        checkpoint(&self.pool, &self.settings.stream).await
+    }
+
+    /// Runs until `shutdown`: waits for leadership, then relays; steps down and retries
+    /// on failures, so NATS or Postgres being away only delays publishing.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.lead(&shutdown).await {
+                Ok(true) => backoff = Duration::from_millis(200),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(stream = %self.settings.stream, %error, "relay interrupted; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(backoff) => {}
+            }
+        }
+    }
+
+    /// Becomes the active relay if no one else is, and relays until shutdown or an error.
+    /// Returns `Ok(false)` when another process holds leadership.
+    async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, RelayError> {
+        // The lock lives as long as this dedicated session: if the process dies, the
+        // server ends the session and another relay takes over.
+        let mut leader = self.pool.acquire().await?.detach();
+        let acquired: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(self.settings.leader_key())
+                .fetch_one(&mut leader)
+                .await?;
+        if !acquired {
+            leader.close().await.ok();
+            return Ok(false);
+        }
+        tracing::info!(stream = %self.settings.stream, "relay is active");
+        let result = self.relay(&mut leader, shutdown).await;
+        leader.close().await.ok();
+        result.map(|()| true)
+    }
+
+    async fn relay(
+        &self,
+        leader: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS_CHANNEL).await?;
+        self.ensure_stream().await?;
+        let mut published = self.checkpoint().await?;
+        let mut wait = None;
+        let mut last_leader_check = tokio::time::Instant::now();
+        loop {
+            let round = self.round(&mut published, &mut wait).await?;
+            if last_leader_check.elapsed() > Duration::from_secs(2) {
+                // A lost session means a lost lock: stop before someone else starts.
+                leader.ping().await?;
+                last_leader_check = tokio::time::Instant::now();
+            }
+            let pause = match round {
+                Round::Published(_) => continue,
+                Round::Idle {
+                    waiting_on_gap: true,
+                } => Duration::from_millis(5),
+                Round::Idle {
+                    waiting_on_gap: false,
+                } => self.settings.poll_interval,
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                notification = listener.recv() => {
+                    notification?;
+                    // Coalesce a burst of commits into one round.
+                    while listener.next_buffered().is_some() {}
+                }
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Reads what follows the checkpoint, publishes the publishable prefix, and moves
+    /// the checkpoint past what JetStream acknowledged.
+    async fn round(
+        &self,
+        published: &mut i64,
+        wait: &mut Option<GapWait>,
+    ) -> Result<Round, RelayError> {
+        let rows = sqlx::query(&format!(
+            "SELECT s.snapshot, e.* FROM (SELECT pg_current_snapshot()::text AS snapshot) s \
+             LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 \
+                                ORDER BY position LIMIT $2) e ON true"
+        ))
+        .bind(*published)
+        .bind(self.settings.batch_size)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(Round::Idle {
+                waiting_on_gap: false,
+            });
+        };
+        let snapshot = Snapshot::parse(&first.try_get::<String, _>("snapshot")?)?;
+        let events = rows
+            .iter()
+            .filter(|row| matches!(row.try_get::<Option<i64>, _>("position"), Ok(Some(_))))
+            .map(StoredEvent::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
+        let publishable = publishable_prefix(*published, &positions, &snapshot, wait);
+        if publishable == 0 {
+            return Ok(Round::Idle {
+                waiting_on_gap: wait.is_some(),
+            });
+        }
+        let acknowledged = self.publish(*published, &events[..publishable]).await;
+        if let Some(position) = acknowledged.last_acknowledged {
+            save_checkpoint(&self.pool, &self.settings.stream, position).await?;
+            *published = position;
+        }
+        match acknowledged.error {
+            Some(error) => Err(error),
+            None => Ok(Round::Published(publishable)),
+        }
+    }
+
+    /// Publishes `events` pipelined and returns the last position of the acknowledged
+    /// prefix (a failed acknowledgement stops the prefix even if later ones succeeded).
+    async fn publish(&self, mut previous: i64, events: &[StoredEvent]) -> Published {
+        let mut pending = Vec::with_capacity(events.len());
+        let mut error = None;
+        for event in events {
+            match self.send(event, previous).await {
+                Ok(ack) => pending.push((event.position, ack)),
+                Err(failure) => {
+                    error = Some(failure);
+                    break;
+                }
+            }
+            previous = event.position;
+        }
+        let mut last_acknowledged = None;
+        for (position, ack) in pending {
+            match ack.await {
+                Ok(_) => last_acknowledged = Some(position),
+                Err(failure) => {
+                    error = Some(RelayError::JetStream(failure.to_string()));
+                    break;
+                }
+            }
+        }
+        Published {
+            last_acknowledged,
+            error,
+        }
+    }
+
+    async fn send(
+        &self,
+        event: &StoredEvent,
+        previous: i64,
+    ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
+        let subject = format!(
+            "{}.{}.{}",
+            self.settings.subject_prefix, event.aggregate_type, event.aggregate_id
+        );
+        let body = serde_json::to_vec(event)
+            .map_err(|error| RelayError::JetStream(format!("encoding an event: {error}")))?;
+        let message = jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .message_id(event.event_id.to_string())
+            .header(HEADER_POSITION, event.position.to_string().as_str())
+            .header(HEADER_PREVIOUS_POSITION, previous.to_string().as_str())
+            .header(HEADER_EVENT_TYPE, event.event_type.as_str());
+        self.jetstream
+            .send_publish(subject, message)
+            .await
+            .map_err(|error| RelayError::JetStream(error.to_string()))
+    }
+}
+
+struct Published {
+    last_acknowledged: Option<i64>,
+    error: Option<RelayError>,
+}
+
+/// The relay checkpoint of `stream` (0 if it never published).
+pub async fn checkpoint(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error> {
+    let position: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE stream = $1")
+            .bind(stream)
+            .fetch_optional(pool)
+            .await?;
+    Ok(position.unwrap_or(0))
+}
+
+async fn save_checkpoint(pool: &PgPool, stream: &str, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO relay_checkpoints (stream, position) VALUES ($1, $2) \
+         ON CONFLICT (stream) DO UPDATE \
+         SET position = GREATEST(relay_checkpoints.position, EXCLUDED.position), updated_at = now()",
+    )
+    .bind(stream)
+    .bind(position)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The highest position in the event store (0 when empty).
+pub async fn head(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(pool)
+        .await?;
+    Ok(head.unwrap_or(0))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn snapshot(in_progress: &[u64]) -> Snapshot {
+        Snapshot {
+            in_progress: in_progress.to_vec(),
+        }
+    }
+
+    #[test]
+    fn snapshots_parse() {
+        assert_eq!(Snapshot::parse("10:20:").unwrap(), snapshot(&[]));
+        assert_eq!(Snapshot::parse("10:20:12,15").unwrap(), snapshot(&[12, 15]));
+        assert!(Snapshot::parse("garbage").is_err());
+    }
+
+    #[test]
+    fn a_contiguous_run_is_published_whole() {
+        let mut wait = None;
+        assert_eq!(publishable_prefix(3, &[4, 5, 6], &snapshot(&[99]), &mut wait), 3);
+        assert_eq!(wait, None);
+    }
+
+    #[test]
+    fn a_gap_with_nothing_in_flight_is_permanent() {
+        let mut wait = None;
+        assert_eq!(publishable_prefix(0, &[1, 3, 4], &snapshot(&[]), &mut wait), 3);
+        assert_eq!(wait, None);
+    }
+
+    #[test]
+    fn a_gap_while_transactions_are_in_flight_waits_for_them() {
+        let mut wait = None;
+        assert_eq!(publishable_prefix(0, &[1, 3, 4], &snapshot(&[7]), &mut wait), 1);
+        assert_eq!(
+            wait,
+            Some(GapWait {
+                in_flight: vec![7],
+                below: 4
+            })
+        );
+        // Still in flight: still waiting.
+        assert_eq!(publishable_prefix(1, &[3, 4], &snapshot(&[7, 9]), &mut wait), 0);
+        assert!(wait.is_some());
+        // Finished without filling the gap (rolled back): the gap below 4 is settled,
+        // even though another transaction (9) is now in flight.
+        assert_eq!(publishable_prefix(1, &[3, 4], &snapshot(&[9]), &mut wait), 2);
+        assert_eq!(wait, None);
+    }
+
+    #[test]
+    fn a_late_commit_fills_its_gap_in_order() {
+        let mut wait = None;
+        assert_eq!(publishable_prefix(0, &[2, 3], &snapshot(&[5]), &mut wait), 0);
+        // Transaction 5 committed position 1: now everything is contiguous.
+        assert_eq!(publishable_prefix(0, &[1, 2, 3], &snapshot(&[]), &mut wait), 3);
+    }
+}
