@@ -185,3 +185,237 @@ impl Drop for TestApp {
         self.server.abort();
     }
 }
+
+/// Connects to the test NATS server, failing loudly when it is not there.
+pub async fn nats_client() -> async_nats::Client {
+    async_nats::connect(nats_url())
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "NATS is not reachable at {} ({error}). System tests need a real NATS with \
+             JetStream: start it with `scripts/services.sh up` or set HINDSIGHT_TEST_NATS_URL.",
+                nats_url()
+            )
+        })
+}
+
+/// A JetStream stream name and subject prefix of one test's own, deleted on drop.
+#[derive(Debug)]
+pub struct TestStream {
+    pub client: async_nats::Client,
+    pub stream: String,
+    pub prefix: String,
+    url: String,
+}
+
+/// One message read back from a test stream.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub sequence: u64,
+    pub subject: String,
+    pub message_id: String,
+    pub position: i64,
+    pub previous: i64,
+    pub event: hindsight_commands::StoredEvent,
+}
+
+impl TestStream {
+    pub async fn new() -> Self {
+        Self::on(nats_url()).await
+    }
+
+    /// Names on a given NATS server (for tests that run their own server).
+    pub async fn on(url: String) -> Self {
+        let client = async_nats::connect(&url)
+            .await
+            .unwrap_or_else(|error| panic!("NATS is not reachable at {url} ({error})"));
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            client,
+            stream: format!("hindsight_test_{id}"),
+            prefix: format!("hindsight_test.{id}"),
+            url,
+        }
+    }
+
+    pub fn relay_settings(&self) -> hindsight_commands::relay::RelaySettings {
+        hindsight_commands::relay::RelaySettings::new(&self.stream, &self.prefix)
+    }
+
+    pub fn worker_settings(&self) -> hindsight_projections::worker::WorkerSettings {
+        hindsight_projections::worker::WorkerSettings::new(&self.stream, &self.prefix)
+    }
+
+    /// Every message in the stream, in stream order.
+    pub async fn messages(&self) -> Vec<Published> {
+        let jetstream = async_nats::jetstream::new(self.client.clone());
+        let mut stream = match jetstream.get_stream(&self.stream).await {
+            Ok(stream) => stream,
+            Err(_) => return Vec::new(),
+        };
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
+        let mut messages = Vec::new();
+        for sequence in 1..=last {
+            let Ok(message) = stream.get_raw_message(sequence).await else {
+                continue;
+            };
+            let header = |name: &str| {
+                message
+                    .headers
+                    .get(name)
+                    .map(|value| value.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            messages.push(Published {
+                sequence,
+                subject: message.subject.to_string(),
+                message_id: header("Nats-Msg-Id"),
+                position: header("Hindsight-Position")
+                    .parse()
+                    .expect("position header"),
+                previous: header("Hindsight-Previous-Position")
+                    .parse()
+                    .expect("previous header"),
+                event: serde_json::from_slice(&message.payload).expect("event body"),
+            });
+        }
+        messages
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let stream = self.stream.clone();
+        let url = self.url.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(client) = async_nats::connect(&url).await {
+                    let jetstream = async_nats::jetstream::new(client);
+                    jetstream.delete_stream(&stream).await.ok();
+                }
+            });
+        });
+        cleanup.join().ok();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, failing the test after `seconds`.
+pub async fn eventually<F, Fut>(seconds: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {seconds} s waiting for: {what}");
+}
+
+/// Appends one raw event of aggregate type `test` in an open transaction, returning its
+/// position; the caller decides when (or whether) the transaction commits.
+pub async fn append_raw_event(
+    tx: &mut sqlx::PgConnection,
+    aggregate_id: &str,
+    sequence: i64,
+    event_type: &str,
+) -> i64 {
+    let metadata = hindsight_commands::EventMetadata::for_request(
+        hindsight_commands::Actor::system(),
+        "raw-test-append",
+    );
+    sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('test', $1, $2, $3, '1', '{}', $4) RETURNING position",
+    )
+    .bind(aggregate_id)
+    .bind(sequence)
+    .bind(event_type)
+    .bind(serde_json::to_value(metadata.to_map()).expect("metadata"))
+    .fetch_one(tx)
+    .await
+    .expect("append a raw event")
+}
+
+/// A NATS server with JetStream of a test's own, on a free port, that the test can stop
+/// and start again (its data directory survives restarts).
+#[derive(Debug)]
+pub struct PrivateNats {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    process: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("hindsight-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("nats data directory");
+        let mut nats = Self {
+            port,
+            dir,
+            process: None,
+        };
+        nats.resume();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn resume(&mut self) {
+        let binary = std::env::var("HINDSIGHT_TEST_NATS_SERVER")
+            .unwrap_or_else(|_| "nats-server".to_owned());
+        let child = std::process::Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot start `{binary}` ({error}): this test runs a NATS server of its own; install nats-server or set HINDSIGHT_TEST_NATS_SERVER")
+            });
+        self.process = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private nats-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}

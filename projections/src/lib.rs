@@ -2,9 +2,18 @@
 //! JetStream and fold them into read models in Postgres, applying each batch and advancing
 //! the projection's checkpoint in one transaction so every event is applied exactly once.
 //!
-//! [`read_model`] defines what a read model is; one module per read model (`users`,
-//! `products`, `orders`, `sales`, `audit_trail`) holds its apply logic and its queries.
+//! [`worker`] runs one projection (catch-up from the store, then its durable consumer),
+//! [`progress`] lets queries wait for a position, and [`read_model`] defines what a read
+//! model is; one module per read model ([`users`],
+//! [`products`], [`orders`], [`sales`], [`audit_trail`]) holds its apply logic and its
+//! queries, and [`page`] the keyset pagination and opaque cursors their lists share.
 
+pub mod audit_trail;
+pub mod orders;
+pub mod page;
+pub mod products;
 pub mod progress;
 pub mod read_model;
+pub mod sales;
+pub mod users;
 pub mod worker;

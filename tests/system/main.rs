@@ -4,5 +4,6 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod dependencies;
+mod distribution;
 mod event_store;
 mod health;

@@ -1,0 +1,455 @@
+//! Event distribution: the relay (late commits, rollbacks, leadership, NATS outages)
+//! and the projection workers (exactly-once, catch-up, poison events, read-your-writes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hindsight_commands::relay::{self, Relay};
+use hindsight_commands::{Actor, EventMetadata, StoreSettings, StoredEvent};
+use hindsight_domain::ids::ProductId;
+use hindsight_domain::product::ProductCommand;
+use hindsight_domain::values::{Currency, Description, Money, ProductName, Quantity, Sku};
+use hindsight_projections::progress::{ProjectionProgress, Waited};
+use hindsight_projections::read_model::{ApplyError, ReadModel};
+use hindsight_projections::worker::{self, ProjectionWorker};
+use hindsight_tests::{append_raw_event, eventually, PrivateNats, TestDb, TestStream};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+fn metadata(request: &str) -> EventMetadata {
+    EventMetadata::for_request(Actor::system(), request)
+}
+
+async fn create_product(db: &TestDb, sku: &str) -> ProductId {
+    let product = ProductId::new();
+    db.commands(StoreSettings::default())
+        .products
+        .execute(
+            product.as_uuid(),
+            ProductCommand::Create {
+                product_id: product,
+                sku: Sku::parse(sku).unwrap(),
+                name: ProductName::parse("Widget").unwrap(),
+                description: Description::parse("").unwrap(),
+                price: Money::new(100, Currency::EUR).unwrap(),
+                stock: 0,
+            },
+            &metadata("create"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    product
+}
+
+async fn restock(db: &TestDb, product: ProductId, n: u32) -> i64 {
+    db.commands(StoreSettings::default())
+        .products
+        .execute(
+            product.as_uuid(),
+            ProductCommand::Restock {
+                quantity: Quantity::new(n).unwrap(),
+            },
+            &metadata("restock"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .position
+}
+
+fn spawn_relay(db: &TestDb, client: async_nats::Client, stream: &TestStream) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let relay = Relay::new(db.pool.clone(), client, stream.relay_settings());
+    tokio::spawn(relay.run(stop.clone()));
+    stop
+}
+
+async fn relay_reaches(db: &TestDb, stream: &TestStream, position: i64) {
+    eventually(20, &format!("relay checkpoint {position}"), || async {
+        relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
+    })
+    .await;
+}
+
+/// The stream holds every committed event once, in position order, with an unbroken
+/// previous-position chain.
+fn assert_chain(messages: &[hindsight_tests::Published], expected: &[i64]) {
+    let positions: Vec<i64> = messages.iter().map(|m| m.position).collect();
+    assert_eq!(positions, expected, "stream positions");
+    let mut previous = 0;
+    for message in messages {
+        assert_eq!(message.previous, previous, "chain at {}", message.position);
+        assert_eq!(message.message_id, message.event.event_id.to_string());
+        assert_eq!(message.event.position, message.position);
+        previous = message.position;
+    }
+}
+
+async fn committed_positions(db: &TestDb) -> Vec<i64> {
+    sqlx::query_scalar("SELECT position FROM events ORDER BY position")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_late_commit_is_published_in_order_not_skipped() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let product = create_product(&db, "LATE-1").await;
+
+    // A transaction takes the next position and stays open while later ones commit.
+    let mut late = db.pool.begin().await.unwrap();
+    let late_position = append_raw_event(&mut late, "late", 1, "Held").await;
+    let mut later = Vec::new();
+    for n in 1..=5 {
+        later.push(restock(&db, product, n).await);
+    }
+    assert!(later.iter().all(|position| *position > late_position));
+
+    // The relay publishes up to the open transaction's position and no further.
+    relay_reaches(&db, &stream, late_position - 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        relay::checkpoint(&db.pool, &stream.stream).await.unwrap(),
+        late_position - 1
+    );
+    assert!(stream
+        .messages()
+        .await
+        .iter()
+        .all(|m| m.position < late_position));
+
+    late.commit().await.unwrap();
+    let last = *later.last().unwrap();
+    relay_reaches(&db, &stream, last).await;
+    let messages = stream.messages().await;
+    assert_chain(&messages, &committed_positions(&db).await);
+    assert!(messages.iter().any(|m| m.position == late_position));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_rolled_back_position_is_passed_once_its_transaction_ends() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let product = create_product(&db, "ROLL-1").await;
+
+    let mut doomed = db.pool.begin().await.unwrap();
+    let hole = append_raw_event(&mut doomed, "doomed", 1, "Doomed").await;
+    let after = restock(&db, product, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(relay::checkpoint(&db.pool, &stream.stream).await.unwrap() < hole);
+
+    doomed.rollback().await.unwrap();
+    relay_reaches(&db, &stream, after).await;
+    let messages = stream.messages().await;
+    assert_chain(&messages, &committed_positions(&db).await);
+    assert!(messages.iter().all(|m| m.position != hole));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn only_one_relay_is_active_and_another_takes_over_when_it_dies() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let product = create_product(&db, "LEAD-1").await;
+    let first = spawn_relay(&db, stream.client.clone(), &stream);
+    let second_client = hindsight_tests::nats_client().await;
+    let second = spawn_relay(&db, second_client, &stream);
+
+    let mut last = 0;
+    for n in 1..=20 {
+        last = restock(&db, product, n).await;
+        if n == 10 {
+            // Kill whichever is active; the other must take over.
+            first.cancel();
+        }
+    }
+    relay_reaches(&db, &stream, last).await;
+    let messages = stream.messages().await;
+    assert_chain(&messages, &committed_positions(&db).await);
+    second.cancel();
+}
+
+#[tokio::test]
+async fn commands_are_accepted_while_nats_is_down_and_nothing_is_lost() {
+    let db = TestDb::new().await;
+    let mut nats = PrivateNats::start();
+    let stream = TestStream::on(nats.url()).await;
+    let client = hindsight_commands_nats_client(&nats.url()).await;
+    let stop = spawn_relay(&db, client, &stream);
+    let product = create_product(&db, "DOWN-1").await;
+    let before = restock(&db, product, 1).await;
+    relay_reaches(&db, &stream, before).await;
+
+    nats.kill();
+    let mut last = before;
+    for n in 2..=30 {
+        last = restock(&db, product, n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(relay::checkpoint(&db.pool, &stream.stream).await.unwrap() < last);
+
+    nats.resume();
+    relay_reaches(&db, &stream, last).await;
+    let messages = stream.messages().await;
+    assert_chain(&messages, &committed_positions(&db).await);
+    stop.cancel();
+}
+
+/// A client that keeps reconnecting, as `serve` builds it.
+async fn hindsight_commands_nats_client(url: &str) -> async_nats::Client {
+    hindsight_api::serve::connect_nats(url).await.unwrap()
+}
+
+/// A read model for tests: records every applied position under a primary key, so a
+/// double application fails loudly, and refuses events of type `Poison` unless cured.
+struct Ledger {
+    name: &'static str,
+    cured: bool,
+}
+
+impl ReadModel for Ledger {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec!["test_ledger".to_owned()]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        Box::pin(async move {
+            for event in events {
+                if event.event_type == "Poison" && !self.cured {
+                    return Err(ApplyError::Invariant {
+                        position: event.position,
+                        reason: "poison event".to_owned(),
+                    });
+                }
+                sqlx::query("INSERT INTO test_ledger (projection, position) VALUES ($1, $2)")
+                    .bind(self.name)
+                    .bind(event.position)
+                    .execute(&mut *connection)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn ledger_table(db: &TestDb) {
+    sqlx::query(
+        "CREATE TABLE test_ledger (projection text, position bigint, PRIMARY KEY (projection, position))",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+async fn ledger(db: &TestDb, name: &str) -> Vec<i64> {
+    sqlx::query_scalar("SELECT position FROM test_ledger WHERE projection = $1 ORDER BY position")
+        .bind(name)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+fn spawn_worker(db: &TestDb, stream: &TestStream, model: Arc<dyn ReadModel>) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let worker = ProjectionWorker::new(
+        db.pool.clone(),
+        stream.client.clone(),
+        model,
+        stream.worker_settings(),
+    );
+    tokio::spawn(worker.run(stop.clone()));
+    stop
+}
+
+async fn projection_reaches(db: &TestDb, name: &str, position: i64) {
+    eventually(20, &format!("{name} at {position}"), || async {
+        worker::checkpoint(&db.pool, name)
+            .await
+            .unwrap()
+            .is_some_and(|checkpoint| checkpoint.position >= position)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_once() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let product = create_product(&db, "PROJ-1").await;
+    let mut last = 0;
+    for n in 1..=30 {
+        last = restock(&db, product, n).await;
+    }
+    relay_reaches(&db, &stream, last).await;
+
+    // Started late: must replay what exists, then follow new events.
+    let worker_stop = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "ledger",
+            cured: true,
+        }),
+    );
+    for n in 1..=30 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "ledger", last).await;
+    assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
+    let status = worker::checkpoint(&db.pool, "ledger")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.status, "live");
+
+    // A restarted worker (and redelivered messages) applies nothing twice.
+    worker_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "ledger",
+            cured: true,
+        }),
+    );
+    last = restock(&db, product, 1).await;
+    projection_reaches(&db, "ledger", last).await;
+    assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
+    again.cancel();
+    relay_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let sick = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "sick",
+            cured: false,
+        }),
+    );
+    let healthy = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "healthy",
+            cured: true,
+        }),
+    );
+
+    let product = create_product(&db, "POISON-1").await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
+    tx.commit().await.unwrap();
+    let last = restock(&db, product, 3).await;
+
+    projection_reaches(&db, "healthy", last).await;
+    eventually(20, "sick projection failed", || async {
+        worker::checkpoint(&db.pool, "sick")
+            .await
+            .unwrap()
+            .is_some_and(|checkpoint| checkpoint.status == "failed")
+    })
+    .await;
+    let failed = worker::checkpoint(&db.pool, "sick").await.unwrap().unwrap();
+    assert_eq!(
+        failed.position,
+        poison - 1,
+        "stops just before the poison event"
+    );
+    assert!(failed.last_error.unwrap().contains("poison event"));
+    assert_eq!(ledger(&db, "healthy").await, committed_positions(&db).await);
+
+    // Fixed and restarted, it resumes where it stopped.
+    sick.cancel();
+    let cured = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "sick",
+            cured: true,
+        }),
+    );
+    projection_reaches(&db, "sick", last).await;
+    assert_eq!(ledger(&db, "sick").await, committed_positions(&db).await);
+    assert_eq!(
+        worker::checkpoint(&db.pool, "sick")
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "live"
+    );
+    cured.cancel();
+    healthy.cancel();
+    relay_stop.cancel();
+}
+
+#[tokio::test]
+async fn queries_can_wait_for_a_position_and_report_lag_past_the_bound() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let shutdown = CancellationToken::new();
+    let progress = ProjectionProgress::start(db.pool.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let worker_stop = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "ryw",
+            cured: true,
+        }),
+    );
+    let product = create_product(&db, "RYW-1").await;
+    let position = restock(&db, product, 2).await;
+
+    let waited = progress
+        .wait_for("ryw", position, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(waited, Waited::Reached(at) if at >= position),
+        "{waited:?}"
+    );
+    assert!(ledger(&db, "ryw").await.contains(&position));
+
+    let never = progress
+        .wait_for("ryw", position + 1_000_000, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(
+        matches!(never, Waited::Lagging(at) if at >= position),
+        "{never:?}"
+    );
+    worker_stop.cancel();
+    relay_stop.cancel();
+    shutdown.cancel();
+}
