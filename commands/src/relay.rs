@@ -134,7 +134,12 @@ fn publishable_prefix(
     wait: &mut Option<GapWait>,
 ) -> usize {
     let settled_below = match wait {
-        Some(pending) if pending.in_flight.iter().all(|xid| !snapshot.is_in_progress(*xid)) => {
+        Some(pending)
+            if pending
+                .in_flight
+                .iter()
+                .all(|xid| !snapshot.is_in_progress(*xid)) =>
+        {
             let below = pending.below;
             *wait = None;
             below
@@ -145,11 +150,15 @@ fn publishable_prefix(
     for (index, &position) in positions.iter().enumerate() {
         let gap = position != expected;
         if gap && !snapshot.in_progress.is_empty() && position > settled_below {
-            let below = positions.last().copied().unwrap_or(position);
-            *wait = Some(GapWait {
-                in_flight: snapshot.in_progress.clone(),
-                below,
-            });
+            // Keep waiting on the transactions already recorded when they cover this gap:
+            // replacing them with today's in-flight set could wait forever under load.
+            let covered = wait.as_ref().is_some_and(|pending| position <= pending.below);
+            if !covered {
+                *wait = Some(GapWait {
+                    in_flight: snapshot.in_progress.clone(),
+                    below: positions.last().copied().unwrap_or(position),
+                });
+            }
             return index;
         }
         expected = position + 1;
@@ -442,21 +451,30 @@ mod tests {
     #[test]
     fn a_contiguous_run_is_published_whole() {
         let mut wait = None;
-        assert_eq!(publishable_prefix(3, &[4, 5, 6], &snapshot(&[99]), &mut wait), 3);
+        assert_eq!(
+            publishable_prefix(3, &[4, 5, 6], &snapshot(&[99]), &mut wait),
+            3
+        );
         assert_eq!(wait, None);
     }
 
     #[test]
     fn a_gap_with_nothing_in_flight_is_permanent() {
         let mut wait = None;
-        assert_eq!(publishable_prefix(0, &[1, 3, 4], &snapshot(&[]), &mut wait), 3);
+        assert_eq!(
+            publishable_prefix(0, &[1, 3, 4], &snapshot(&[]), &mut wait),
+            3
+        );
         assert_eq!(wait, None);
     }
 
     #[test]
     fn a_gap_while_transactions_are_in_flight_waits_for_them() {
         let mut wait = None;
-        assert_eq!(publishable_prefix(0, &[1, 3, 4], &snapshot(&[7]), &mut wait), 1);
+        assert_eq!(
+            publishable_prefix(0, &[1, 3, 4], &snapshot(&[7]), &mut wait),
+            1
+        );
         assert_eq!(
             wait,
             Some(GapWait {
@@ -465,19 +483,31 @@ mod tests {
             })
         );
         // Still in flight: still waiting.
-        assert_eq!(publishable_prefix(1, &[3, 4], &snapshot(&[7, 9]), &mut wait), 0);
+        assert_eq!(
+            publishable_prefix(1, &[3, 4], &snapshot(&[7, 9]), &mut wait),
+            0
+        );
         assert!(wait.is_some());
         // Finished without filling the gap (rolled back): the gap below 4 is settled,
         // even though another transaction (9) is now in flight.
-        assert_eq!(publishable_prefix(1, &[3, 4], &snapshot(&[9]), &mut wait), 2);
+        assert_eq!(
+            publishable_prefix(1, &[3, 4], &snapshot(&[9]), &mut wait),
+            2
+        );
         assert_eq!(wait, None);
     }
 
     #[test]
     fn a_late_commit_fills_its_gap_in_order() {
         let mut wait = None;
-        assert_eq!(publishable_prefix(0, &[2, 3], &snapshot(&[5]), &mut wait), 0);
+        assert_eq!(
+            publishable_prefix(0, &[2, 3], &snapshot(&[5]), &mut wait),
+            0
+        );
         // Transaction 5 committed position 1: now everything is contiguous.
-        assert_eq!(publishable_prefix(0, &[1, 2, 3], &snapshot(&[]), &mut wait), 3);
+        assert_eq!(
+            publishable_prefix(0, &[1, 2, 3], &snapshot(&[]), &mut wait),
+            3
+        );
     }
 }
