@@ -4,9 +4,9 @@
 //!
 //! [`worker`] runs one projection (catch-up from the store, then its durable consumer),
 //! [`progress`] lets queries wait for a position, and [`read_model`] defines what a read
-//! model is; one module per read model ([`users`],
-//! [`products`], [`orders`], [`sales`], [`audit_trail`]) holds its apply logic and its
-//! queries, and [`page`] the keyset pagination and opaque cursors their lists share.
+//! model is. One module per read model ([`users`], [`products`], [`orders`], [`sales`],
+//! [`audit_trail`]) holds its tables' apply logic and its queries; [`page`] holds the
+//! keyset pagination and opaque cursors their lists share.
 
 pub mod audit_trail;
 pub mod orders;
@@ -17,3 +17,18 @@ pub mod read_model;
 pub mod sales;
 pub mod users;
 pub mod worker;
+
+use std::sync::Arc;
+
+use read_model::ReadModel;
+
+/// Every read model, writing its live tables: what the process runs one worker for each.
+pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
+    vec![
+        Arc::new(users::Users::live()),
+        Arc::new(products::Products::live()),
+        Arc::new(orders::Orders::live()),
+        Arc::new(sales::Sales::live()),
+        Arc::new(audit_trail::AuditTrail::live()),
+    ]
+}

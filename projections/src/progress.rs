@@ -128,9 +128,11 @@ impl ProjectionProgress {
     ) -> Result<Waited, sqlx::Error> {
         let sender = self.sender(name).await?;
         let mut receiver = sender.subscribe();
-        let reached =
-            tokio::time::timeout(bound, receiver.wait_for(|position| *position >= min_position))
-                .await;
+        let reached = tokio::time::timeout(
+            bound,
+            receiver.wait_for(|position| *position >= min_position),
+        )
+        .await;
         match reached {
             Ok(Ok(position)) => Ok(Waited::Reached(*position)),
             _ => {

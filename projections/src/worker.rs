@@ -183,7 +183,11 @@ impl ProjectionWorker {
     }
 
     fn leader_key(&self) -> String {
-        format!("hindsight-projection:{}:{}", self.settings.stream, self.name())
+        format!(
+            "hindsight-projection:{}:{}",
+            self.settings.stream,
+            self.name()
+        )
     }
 
     /// Runs until `shutdown`, or until the projection is poisoned (then it returns,
@@ -256,7 +260,9 @@ impl ProjectionWorker {
                 chunk = messages.next() => chunk,
             };
             let Some(chunk) = chunk else {
-                return Err(WorkerError::JetStream("the consumer's message stream ended".into()));
+                return Err(WorkerError::JetStream(
+                    "the consumer's message stream ended".into(),
+                ));
             };
             let mut delivered = Vec::with_capacity(chunk.len());
             let mut last_message = None;
@@ -266,7 +272,9 @@ impl ProjectionWorker {
                     Ok(event) => delivered.push(event),
                     // Not an event we can read: the store is the truth, so the next
                     // well-formed message (or the catch-up it triggers) covers its range.
-                    Err(problem) => tracing::warn!(projection = name, %problem, "skipping an unreadable message"),
+                    Err(problem) => {
+                        tracing::warn!(projection = name, %problem, "skipping an unreadable message")
+                    }
                 }
                 last_message = Some(message);
             }
@@ -384,7 +392,10 @@ impl ProjectionWorker {
         // Find the poison event, committing everything before it.
         let mut position = from;
         for event in events {
-            match self.commit(position, std::slice::from_ref(event), event.position).await {
+            match self
+                .commit(position, std::slice::from_ref(event), event.position)
+                .await
+            {
                 Ok(()) => position = event.position,
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
                 Err(error) => return self.poisoned(event.position, error).await,
@@ -395,7 +406,13 @@ impl ProjectionWorker {
 
     async fn poisoned(&self, position: i64, error: CommitError) -> Result<(), WorkerError> {
         let message = error.to_string();
-        set_status(&self.pool, self.name(), "failed", Some((&message, position))).await?;
+        set_status(
+            &self.pool,
+            self.name(),
+            "failed",
+            Some((&message, position)),
+        )
+        .await?;
         Err(WorkerError::Poisoned {
             position,
             error: message,
@@ -416,7 +433,10 @@ impl ProjectionWorker {
         if current != from {
             // Someone else applied in between (a former leader that had not noticed it
             // lost its lock). Applying again would double-apply: stop and re-read.
-            return Err(CommitError::Moved { expected: from, found: current });
+            return Err(CommitError::Moved {
+                expected: from,
+                found: current,
+            });
         }
         self.model.apply(&mut tx, events).await?;
         sqlx::query(

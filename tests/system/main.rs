@@ -7,3 +7,4 @@ mod dependencies;
 mod distribution;
 mod event_store;
 mod health;
+mod read_models;

@@ -1,0 +1,483 @@
+//! The `audit_trail` read model: one row per event of every type, saying who did what to
+//! which entity, when, and from which request, with a short sentence describing the
+//! change for people reading the trail.
+//!
+//! A sentence never contains a secret: a password change reads "changed password". To
+//! say how much stock is available after a movement, the read model keeps each product's
+//! available stock in a side table of its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use hindsight_commands::{ActorRole, StoredEvent};
+use hindsight_domain::order::OrderEvent;
+use hindsight_domain::product::ProductEvent;
+use hindsight_domain::user::UserEvent;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use crate::page::{
+    aggregate_uuid, column_error, format_money, table_name, units, CursorTag, Page, PageRequest,
+    QueryError,
+};
+use crate::read_model::{ApplyError, ReadModel};
+
+const TRAIL_TABLE: &str = "audit_trail";
+const STOCK_TABLE: &str = "audit_trail_product_stock";
+const COLUMNS: &str = "position, event_id, recorded_at, actor_id, actor_role, request_id, \
+     correlation_id, causation_id, aggregate_type, aggregate_id, event_type, summary";
+
+/// One event as the audit trail shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub recorded_at: DateTime<Utc>,
+    pub actor_id: Option<Uuid>,
+    pub actor_role: ActorRole,
+    pub request_id: String,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// What changed, in a short sentence, e.g. `restocked 5 units (available 12)`.
+    pub summary: String,
+}
+
+/// Which entries a trail shows; `None` matches any. `from` and `to` bound the time the
+/// event was recorded, both inclusive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrailFilter {
+    pub actor_id: Option<Uuid>,
+    /// `user`, `product` or `order`.
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<Uuid>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// The `audit_trail` projection.
+#[derive(Debug, Clone)]
+pub struct AuditTrail {
+    trail: String,
+    stock: String,
+}
+
+/// An event decoded as its aggregate's event enum.
+enum Decoded {
+    User(UserEvent),
+    Product(Uuid, ProductEvent),
+    Order(OrderEvent),
+    /// An aggregate type this read model does not know; recorded by its event type.
+    Unknown,
+}
+
+impl AuditTrail {
+    /// Writes the live tables.
+    pub fn live() -> Self {
+        Self::with_suffix("")
+    }
+
+    /// Writes `audit_trail<suffix>` and `audit_trail_product_stock<suffix>`, copies a
+    /// rebuild fills before they are swapped in.
+    pub fn with_suffix(suffix: &str) -> Self {
+        Self {
+            trail: table_name(TRAIL_TABLE, suffix),
+            stock: table_name(STOCK_TABLE, suffix),
+        }
+    }
+
+    async fn apply_events(
+        &self,
+        connection: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ApplyError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut decoded = Vec::with_capacity(events.len());
+        for event in events {
+            decoded.push(match event.aggregate_type.as_str() {
+                "user" => Decoded::User(event.decode()?),
+                "product" => Decoded::Product(aggregate_uuid(event)?, event.decode()?),
+                "order" => Decoded::Order(event.decode()?),
+                _ => Decoded::Unknown,
+            });
+        }
+
+        let mut stock = self.load_stock(&mut *connection, &decoded).await?;
+        let mut changed_stock = BTreeSet::new();
+        let mut rows = TrailColumns::default();
+        for (event, change) in events.iter().zip(decoded) {
+            if let Decoded::Product(id, ProductEvent::ProductCreated { .. })
+            | Decoded::Product(
+                id,
+                ProductEvent::ProductRestocked { .. }
+                | ProductEvent::StockReserved { .. }
+                | ProductEvent::StockReleased { .. },
+            ) = &change
+            {
+                changed_stock.insert(*id);
+            }
+            let summary = summarize(event, change, &mut stock)?;
+            rows.push(event, summary);
+        }
+
+        self.insert_trail(&mut *connection, rows).await?;
+        let (ids, available): (Vec<Uuid>, Vec<i64>) = changed_stock
+            .into_iter()
+            .filter_map(|id| stock.get(&id).map(|available| (id, *available)))
+            .unzip();
+        if !ids.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO {} (product_id, stock_available) \
+                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
+                 ON CONFLICT (product_id) DO UPDATE SET stock_available = EXCLUDED.stock_available",
+                self.stock
+            ))
+            .bind(ids)
+            .bind(available)
+            .execute(connection)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The available stock of the products whose stock this batch moves, for those created
+    /// before it.
+    async fn load_stock(
+        &self,
+        connection: &mut PgConnection,
+        decoded: &[Decoded],
+    ) -> Result<BTreeMap<Uuid, i64>, ApplyError> {
+        let mut created = BTreeSet::new();
+        let mut moved = BTreeSet::new();
+        for change in decoded {
+            match change {
+                Decoded::Product(id, ProductEvent::ProductCreated { .. }) => {
+                    created.insert(*id);
+                }
+                Decoded::Product(
+                    id,
+                    ProductEvent::ProductRestocked { .. }
+                    | ProductEvent::StockReserved { .. }
+                    | ProductEvent::StockReleased { .. },
+                ) => {
+                    moved.insert(*id);
+                }
+                _ => {}
+            }
+        }
+        let ids: Vec<Uuid> = moved.difference(&created).copied().collect();
+        if ids.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT product_id, stock_available FROM {} WHERE product_id = ANY($1)",
+            self.stock
+        ))
+        .bind(&ids)
+        .fetch_all(connection)
+        .await?;
+        let mut stock = BTreeMap::new();
+        for row in rows {
+            stock.insert(row.try_get("product_id")?, row.try_get("stock_available")?);
+        }
+        Ok(stock)
+    }
+
+    async fn insert_trail(
+        &self,
+        connection: &mut PgConnection,
+        rows: TrailColumns<'_>,
+    ) -> Result<(), ApplyError> {
+        sqlx::query(&format!(
+            "INSERT INTO {} ({COLUMNS}) \
+             SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::uuid[], \
+                                  $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+                                  $10::text[], $11::text[], $12::text[])",
+            self.trail
+        ))
+        .bind(rows.position)
+        .bind(rows.event_id)
+        .bind(rows.recorded_at)
+        .bind(rows.actor_id)
+        .bind(rows.actor_role)
+        .bind(rows.request_id)
+        .bind(rows.correlation_id)
+        .bind(rows.causation_id)
+        .bind(rows.aggregate_type)
+        .bind(rows.aggregate_id)
+        .bind(rows.event_type)
+        .bind(rows.summary)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct TrailColumns<'e> {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    recorded_at: Vec<DateTime<Utc>>,
+    actor_id: Vec<Option<Uuid>>,
+    actor_role: Vec<&'static str>,
+    request_id: Vec<&'e str>,
+    correlation_id: Vec<&'e str>,
+    causation_id: Vec<&'e str>,
+    aggregate_type: Vec<&'e str>,
+    aggregate_id: Vec<&'e str>,
+    event_type: Vec<&'e str>,
+    summary: Vec<String>,
+}
+
+impl<'e> TrailColumns<'e> {
+    fn push(&mut self, event: &'e StoredEvent, summary: String) {
+        let metadata = &event.metadata;
+        self.position.push(event.position);
+        self.event_id.push(event.event_id);
+        self.recorded_at.push(event.recorded_at);
+        self.actor_id.push(metadata.actor_id);
+        self.actor_role.push(metadata.actor_role.as_str());
+        self.request_id.push(&metadata.request_id);
+        self.correlation_id.push(&metadata.correlation_id);
+        self.causation_id.push(&metadata.causation_id);
+        self.aggregate_type.push(&event.aggregate_type);
+        self.aggregate_id.push(&event.aggregate_id);
+        self.event_type.push(&event.event_type);
+        self.summary.push(summary);
+    }
+}
+
+/// The sentence for one event. Moves `stock` along with the product events.
+fn summarize(
+    event: &StoredEvent,
+    change: Decoded,
+    stock: &mut BTreeMap<Uuid, i64>,
+) -> Result<String, ApplyError> {
+    Ok(match change {
+        Decoded::User(change) => summarize_user(change),
+        Decoded::Product(id, change) => {
+            let available = stock_after(event, id, &change, stock)?;
+            summarize_product(change, available)
+        }
+        Decoded::Order(change) => summarize_order(change),
+        Decoded::Unknown => format!("recorded {}", event.event_type),
+    })
+}
+
+fn summarize_user(change: UserEvent) -> String {
+    match change {
+        UserEvent::UserRegistered { email, role, .. } => {
+            format!("registered {} as {role}", email.as_str())
+        }
+        UserEvent::UserNameChanged { name } => format!("changed name to {}", name.as_str()),
+        UserEvent::UserPasswordChanged { .. } => "changed password".to_owned(),
+        UserEvent::UserRoleAssigned { role } => format!("changed role to {role}"),
+        UserEvent::UserDeactivated => "deactivated the account".to_owned(),
+        UserEvent::UserReactivated => "reactivated the account".to_owned(),
+    }
+}
+
+/// Applies a product event's stock movement and answers the available stock after it.
+fn stock_after(
+    event: &StoredEvent,
+    id: Uuid,
+    change: &ProductEvent,
+    stock: &mut BTreeMap<Uuid, i64>,
+) -> Result<i64, ApplyError> {
+    if let ProductEvent::ProductCreated { stock: initial, .. } = change {
+        let initial = i64::from(*initial);
+        stock.insert(id, initial);
+        return Ok(initial);
+    }
+    let Some(available) = stock.get_mut(&id) else {
+        return match change {
+            ProductEvent::ProductRestocked { .. }
+            | ProductEvent::StockReserved { .. }
+            | ProductEvent::StockReleased { .. } => Err(ApplyError::Invariant {
+                position: event.position,
+                reason: format!(
+                    "{} for product {id}, which was never created",
+                    event.event_type
+                ),
+            }),
+            // Other events say nothing about stock, so it was not loaded for them.
+            _ => Ok(0),
+        };
+    };
+    match change {
+        ProductEvent::ProductRestocked { quantity }
+        | ProductEvent::StockReleased { quantity, .. } => {
+            *available = available.saturating_add(i64::from(quantity.get()));
+        }
+        ProductEvent::StockReserved { quantity, .. } => {
+            *available = (*available - i64::from(quantity.get())).max(0);
+        }
+        _ => {}
+    }
+    Ok(*available)
+}
+
+fn summarize_product(change: ProductEvent, available: i64) -> String {
+    match change {
+        ProductEvent::ProductCreated {
+            sku,
+            name,
+            price,
+            stock,
+            ..
+        } => format!(
+            "created {} \"{}\" at {} with {} in stock",
+            sku.as_str(),
+            name.as_str(),
+            format_money(&price),
+            units(u64::from(stock))
+        ),
+        ProductEvent::ProductDetailsUpdated { name, description } => {
+            match (name, description.is_some()) {
+                (Some(name), true) => {
+                    format!(
+                        "renamed to \"{}\" and changed the description",
+                        name.as_str()
+                    )
+                }
+                (Some(name), false) => format!("renamed to \"{}\"", name.as_str()),
+                (None, true) => "changed the description".to_owned(),
+                (None, false) => "updated the details".to_owned(),
+            }
+        }
+        ProductEvent::ProductPriceChanged { price } => {
+            format!("changed price to {}", format_money(&price))
+        }
+        ProductEvent::ProductRestocked { quantity } => format!(
+            "restocked {} (available {available})",
+            units(quantity.into())
+        ),
+        ProductEvent::StockReserved { order_id, quantity } => format!(
+            "reserved {} for order {order_id} (available {available})",
+            units(quantity.into())
+        ),
+        ProductEvent::StockReleased { order_id, quantity } => format!(
+            "released {} from order {order_id} (available {available})",
+            units(quantity.into())
+        ),
+        ProductEvent::ReservationCommitted { order_id, quantity } => format!(
+            "sold {} reserved for order {order_id}",
+            units(quantity.into())
+        ),
+        ProductEvent::ProductDiscontinued => "discontinued the product".to_owned(),
+    }
+}
+
+fn summarize_order(change: OrderEvent) -> String {
+    match change {
+        OrderEvent::OrderPlaced { lines, total, .. } => format!(
+            "placed an order of {} totalling {}",
+            if lines.len() == 1 {
+                "1 line".to_owned()
+            } else {
+                format!("{} lines", lines.len())
+            },
+            format_money(&total)
+        ),
+        OrderEvent::OrderConfirmed => "confirmed the order".to_owned(),
+        OrderEvent::OrderRejected { reason } => format!("rejected: {reason}"),
+        OrderEvent::OrderPaid { amount } => format!("paid {}", format_money(&amount)),
+        OrderEvent::OrderShipped => "shipped the order".to_owned(),
+        OrderEvent::OrderCancelled {
+            reason,
+            previous_status,
+        } => match reason {
+            Some(reason) => format!("cancelled the {previous_status} order: {reason}"),
+            None => format!("cancelled the {previous_status} order"),
+        },
+    }
+}
+
+impl ReadModel for AuditTrail {
+    fn name(&self) -> &'static str {
+        "audit_trail"
+    }
+
+    fn tables(&self) -> Vec<String> {
+        vec![self.trail.clone(), self.stock.clone()]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        connection: &'a mut PgConnection,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        Box::pin(self.apply_events(connection, events))
+    }
+}
+
+fn entry_from_row(row: &PgRow) -> Result<AuditEntry, sqlx::Error> {
+    let actor_role: String = row.try_get("actor_role")?;
+    Ok(AuditEntry {
+        position: row.try_get("position")?,
+        event_id: row.try_get("event_id")?,
+        recorded_at: row.try_get("recorded_at")?,
+        actor_id: row.try_get("actor_id")?,
+        actor_role: serde_json::from_value(serde_json::Value::String(actor_role))
+            .map_err(|error| column_error("actor_role", error))?,
+        request_id: row.try_get("request_id")?,
+        correlation_id: row.try_get("correlation_id")?,
+        causation_id: row.try_get("causation_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        event_type: row.try_get("event_type")?,
+        summary: row.try_get("summary")?,
+    })
+}
+
+/// Trail entries matching `filter`, in global position order.
+pub async fn list<'e>(
+    executor: impl PgExecutor<'e>,
+    filter: &TrailFilter,
+    page: &PageRequest,
+) -> Result<Page<AuditEntry>, QueryError> {
+    let tag = CursorTag::new("audit_trail", "position", filter);
+    let after: Option<i64> = tag.resume(page)?;
+
+    let mut query =
+        QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM {TRAIL_TABLE} WHERE TRUE"));
+    if let Some(actor_id) = filter.actor_id {
+        query.push(" AND actor_id = ").push_bind(actor_id);
+    }
+    if let Some(aggregate_type) = &filter.aggregate_type {
+        query
+            .push(" AND aggregate_type = ")
+            .push_bind(aggregate_type.clone());
+    }
+    if let Some(aggregate_id) = filter.aggregate_id {
+        query
+            .push(" AND aggregate_id = ")
+            .push_bind(aggregate_id.to_string());
+    }
+    if let Some(from) = filter.from {
+        query.push(" AND recorded_at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.to {
+        query.push(" AND recorded_at <= ").push_bind(to);
+    }
+    if let Some(position) = after {
+        query.push(" AND position > ").push_bind(position);
+    }
+    query
+        .push(" ORDER BY position LIMIT ")
+        .push_bind(page.fetch_limit());
+
+    let rows = query.build().fetch_all(executor).await?;
+    let entries = rows
+        .iter()
+        .map(entry_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    tag.page(entries, page, |entry| entry.position)
+}
