@@ -147,11 +147,18 @@ impl TestApp {
                     nats_url()
                 )
             });
+        let progress = hindsight_projections::progress::ProjectionProgress::start(
+            db.pool.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("listen for projection progress");
         let state = AppState {
             commands: db.commands(StoreSettings::default()),
             pool: db.pool.clone(),
             nats: Some(nats),
             passwords: Passwords::new(2).expect("argon2 parameters are valid"),
+            progress,
             settings: Arc::new(HttpSettings::default()),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// Subject prefix: events are published as `<prefix>.<aggregate_type>.<aggregate_id>`.
     #[arg(long, env = "HINDSIGHT_NATS_SUBJECT_PREFIX", value_name = "HINDSIGHT_NATS_SUBJECT_PREFIX", default_value = "hindsight", value_parser = parse_subject_prefix)]
     pub nats_subject_prefix: String,
+    /// How long the stream keeps events (e.g. `7d`); unset keeps them until removed.
+    /// Postgres keeps every event regardless; projections read older ranges from it.
+    #[arg(long, env = "HINDSIGHT_NATS_MAX_AGE", value_name = "HINDSIGHT_NATS_MAX_AGE", value_parser = parse_duration)]
+    pub nats_max_age: Option<Duration>,
 
     /// Address the HTTP API listens on.
     #[arg(

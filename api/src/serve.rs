@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use hindsight_commands::relay::{Relay, RelaySettings};
 use hindsight_commands::{db, CommandBus, StoreSettings};
+use hindsight_projections::progress::ProjectionProgress;
+use hindsight_projections::worker::{ProjectionWorker, WorkerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -52,11 +55,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let passwords = Passwords::new(args.max_concurrent_hashes as usize)
         .context("initialising password hashing")?;
+    let shutdown = CancellationToken::new();
+    let progress = ProjectionProgress::start(pool.clone(), shutdown.clone())
+        .await
+        .context("listening for projection progress (check DATABASE_URL)")?;
     let state = AppState {
         commands,
         pool,
-        nats: Some(nats),
+        nats: Some(nats.clone()),
         passwords,
+        progress,
         settings: Arc::new(HttpSettings {
             body_limit: args.body_limit,
             request_timeout: args.request_timeout,
@@ -65,7 +73,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     };
 
-    let shutdown = CancellationToken::new();
     let mut components: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     if args.run_api {
         let listener = tokio::net::TcpListener::bind(args.listen_addr)
@@ -87,13 +94,37 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ("api", result)
         });
     }
-    if components.is_empty() {
+    if args.run_relay {
+        let mut settings = RelaySettings::new(&args.nats_stream, &args.nats_subject_prefix);
+        settings.max_age = args.nats_max_age;
+        let relay = Relay::new(state.pool.clone(), nats.clone(), settings);
+        let stop = shutdown.clone();
+        components.spawn(async move {
+            relay.run(stop).await;
+            ("relay", Ok(()))
+        });
+    }
+    // Projection workers are not watched like the other components: a projection that
+    // stops on a poison event must not stop the process or the other projections.
+    let mut workers = JoinSet::new();
+    if args.run_projections {
+        for model in hindsight_projections::live_read_models() {
+            let worker = ProjectionWorker::new(
+                state.pool.clone(),
+                nats.clone(),
+                model,
+                WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix),
+            );
+            workers.spawn(worker.run(shutdown.clone()));
+        }
+    }
+    if components.is_empty() && workers.is_empty() {
         anyhow::bail!("every component is switched off: enable at least one of HINDSIGHT_RUN_API, HINDSIGHT_RUN_RELAY, HINDSIGHT_RUN_PROJECTIONS");
     }
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutdown requested"),
-        Some(finished) = components.join_next() => {
+        Some(finished) = components.join_next(), if !components.is_empty() => {
             match finished {
                 Ok((name, Ok(()))) => tracing::warn!(component = name, "component stopped"),
                 Ok((name, Err(error))) => tracing::error!(component = name, error = format!("{error:#}"), "component failed"),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use hindsight_commands::CommandBus;
+use hindsight_projections::progress::ProjectionProgress;
 use sqlx::PgPool;
 
 use crate::password::Passwords;
@@ -14,6 +15,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub nats: Option<async_nats::Client>,
     pub passwords: Passwords,
+    pub progress: ProjectionProgress,
     pub settings: Arc<HttpSettings>,
 }
 
