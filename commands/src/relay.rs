@@ -152,7 +152,9 @@ fn publishable_prefix(
         if gap && !snapshot.in_progress.is_empty() && position > settled_below {
             // Keep waiting on the transactions already recorded when they cover this gap:
             // replacing them with today's in-flight set could wait forever under load.
-            let covered = wait.as_ref().is_some_and(|pending| position <= pending.below);
+            let covered = wait
+                .as_ref()
+                .is_some_and(|pending| position <= pending.below);
             if !covered {
                 *wait = Some(GapWait {
                     in_flight: snapshot.in_progress.clone(),
