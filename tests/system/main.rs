@@ -3,6 +3,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod chaos;
 mod dependencies;
 mod distribution;
 mod event_store;
