@@ -217,7 +217,7 @@ async fn step(commands: &CommandBus, shop: &Shop, n: usize) -> usize {
                 amount: price.checked_mul(quantity).unwrap(),
             })
             .await;
-            if n % 3 == 0 {
+            if n.is_multiple_of(3) {
                 run(OrderCommand::Cancel { reason: None }).await;
                 commands
                     .products
