@@ -127,6 +127,9 @@ impl Drop for TestDb {
     }
 }
 
+/// The signing secret of test apps (tests forge tokens with it to attack the API).
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
 /// The HTTP app served on an ephemeral loopback port.
 #[derive(Debug)]
 pub struct TestApp {
@@ -160,6 +163,14 @@ impl TestApp {
             passwords: Passwords::new(2).expect("argon2 parameters are valid"),
             progress,
             settings: Arc::new(HttpSettings::default()),
+            tokens: Arc::new(hindsight_api::auth::Tokens::new(
+                TEST_JWT_SECRET.as_bytes(),
+                "hindsight",
+                "hindsight-api",
+                std::time::Duration::from_secs(900),
+                std::time::Duration::from_secs(30 * 24 * 3600),
+            )),
+            login_throttle: Arc::new(hindsight_api::routes::auth::LoginThrottle::per_hour(100)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -175,6 +175,9 @@ pub struct ServeArgs {
     /// Longest time a query with `min_position` waits for its read model.
     #[arg(long, env = "HINDSIGHT_PROJECTION_WAIT", value_name = "HINDSIGHT_PROJECTION_WAIT", default_value = "2s", value_parser = parse_duration)]
     pub projection_wait: Duration,
+    /// How long an `Idempotency-Key` and its stored answer are kept.
+    #[arg(long, env = "HINDSIGHT_IDEMPOTENCY_TTL", value_name = "HINDSIGHT_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
     /// Largest number of password hashes computed at once.
     #[arg(long, env = "HINDSIGHT_MAX_CONCURRENT_HASHES", value_name = "HINDSIGHT_MAX_CONCURRENT_HASHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent_hashes: u32,

@@ -77,6 +77,18 @@ impl ApiError {
         Self::Internal(error.into())
     }
 
+    /// A database error: unreachable is 503, anything else 500.
+    pub fn from_sqlx(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(Box::new(error)),
+            other => Self::Internal(Box::new(other)),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -149,6 +161,17 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+impl From<hindsight_projections::page::QueryError> for ApiError {
+    fn from(error: hindsight_projections::page::QueryError) -> Self {
+        match error {
+            hindsight_projections::page::QueryError::InvalidCursor => {
+                Self::validation("cursor", "is not a cursor of this list")
+            }
+            hindsight_projections::page::QueryError::Database(error) => Self::from_sqlx(error),
+        }
     }
 }
 

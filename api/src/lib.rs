@@ -10,14 +10,23 @@
 //! [`request_id`] (`X-Request-Id` and the per-request span), [`password`] (argon2id),
 //! [`routes`] (one module per concept), [`serve`] and [`cli`] (the commands).
 
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, Method};
 use axum::middleware;
 use axum::routing::get;
 use axum::Router;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod extract;
+pub mod metrics;
 pub mod password;
+pub mod policy;
+pub mod protect;
 pub mod request_id;
 pub mod routes;
 pub mod serve;
@@ -28,12 +37,63 @@ use config::{Cli, Command, UserCommand};
 use error::ApiError;
 use state::AppState;
 
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .map(|origin| origin.trim())
+        .filter(|origin| !origin.is_empty())
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::HeaderName::from_static("idempotency-key"),
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::RETRY_AFTER,
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static("x-event-position"),
+            header::HeaderName::from_static("x-projection-position"),
+        ])
+        .max_age(protect::CORS_MAX_AGE)
+}
+
 /// The whole HTTP application.
 pub fn build_app(state: AppState) -> Router {
+    metrics::install();
+    let api = Router::new()
+        .merge(routes::auth::routes())
+        .merge(routes::users::routes())
+        .merge(routes::products::routes())
+        .merge(routes::orders::routes());
     Router::new()
         .route("/health/live", get(routes::health::live))
         .route("/health/ready", get(routes::health::ready))
+        .route("/metrics", get(metrics::render))
+        .nest("/api/v1", api)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            policy::authorize,
+        ))
+        .route_layer(middleware::from_fn(metrics::track))
         .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(state.settings.body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            protect::timeout,
+        ))
+        .layer(CompressionLayer::new())
+        .layer(cors(&state.settings.cors_origins))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            protect::headers,
+        ))
         .layer(middleware::from_fn(request_id::middleware))
         .with_state(state)
 }

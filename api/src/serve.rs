@@ -15,8 +15,10 @@ use hindsight_projections::worker::{ProjectionWorker, WorkerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Tokens;
 use crate::config::ServeArgs;
 use crate::password::Passwords;
+use crate::routes::auth::LoginThrottle;
 use crate::state::{AppState, HttpSettings};
 
 /// How long components get to finish after shutdown was requested.
@@ -70,7 +72,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             request_timeout: args.request_timeout,
             cors_origins: args.cors_origins.clone(),
             hsts: args.hsts,
+            projection_wait: args.projection_wait,
+            idempotency_ttl: args.idempotency_ttl,
         }),
+        tokens: Arc::new(Tokens::new(
+            args.jwt_secret.expose(),
+            &args.jwt_issuer,
+            &args.jwt_audience,
+            args.access_token_ttl,
+            args.refresh_token_ttl,
+        )),
+        login_throttle: Arc::new(LoginThrottle::per_hour(args.failed_logins_per_hour)),
     };
 
     let mut components: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();

@@ -6,7 +6,9 @@ use hindsight_commands::CommandBus;
 use hindsight_projections::progress::ProjectionProgress;
 use sqlx::PgPool;
 
+use crate::auth::Tokens;
 use crate::password::Passwords;
+use crate::routes::auth::LoginThrottle;
 
 /// Cheap to clone: everything inside is reference counted.
 #[derive(Debug, Clone)]
@@ -17,6 +19,8 @@ pub struct AppState {
     pub passwords: Passwords,
     pub progress: ProjectionProgress,
     pub settings: Arc<HttpSettings>,
+    pub tokens: Arc<Tokens>,
+    pub login_throttle: Arc<LoginThrottle>,
 }
 
 /// The HTTP layer's own settings, taken from the configuration at start-up.
@@ -26,6 +30,8 @@ pub struct HttpSettings {
     pub request_timeout: std::time::Duration,
     pub cors_origins: Vec<String>,
     pub hsts: bool,
+    pub projection_wait: std::time::Duration,
+    pub idempotency_ttl: std::time::Duration,
 }
 
 impl Default for HttpSettings {
@@ -35,6 +41,8 @@ impl Default for HttpSettings {
             request_timeout: std::time::Duration::from_secs(10),
             cors_origins: Vec::new(),
             hsts: false,
+            projection_wait: std::time::Duration::from_secs(2),
+            idempotency_ttl: std::time::Duration::from_secs(24 * 3600),
         }
     }
 }

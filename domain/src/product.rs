@@ -76,6 +76,12 @@ pub enum ProductCommand {
         stock: u32,
     },
     /// Changes the given fields; `None` leaves a field as it is.
+    /// Details and price together, decided as one change (what `PATCH` sends).
+    Revise {
+        name: Option<ProductName>,
+        description: Option<Description>,
+        price: Option<Money>,
+    },
     UpdateDetails {
         name: Option<ProductName>,
         description: Option<Description>,
@@ -339,6 +345,18 @@ impl Aggregate for Product {
                     stock,
                 }])
             }
+            ProductCommand::Revise {
+                name,
+                description,
+                price,
+            } => {
+                let mut events =
+                    self.handle(ProductCommand::UpdateDetails { name, description })?;
+                if let Some(price) = price {
+                    events.extend(self.handle(ProductCommand::ChangePrice { price })?);
+                }
+                Ok(events)
+            }
             ProductCommand::UpdateDetails { name, description } => {
                 let listing = self.existing()?;
                 listing.ensure_active()?;
@@ -589,6 +607,30 @@ mod tests {
             }),
             Ok(vec![])
         );
+    }
+
+    #[test]
+    fn a_revision_changes_details_and_price_in_one_decision_or_not_at_all() {
+        let product = product_from([created(10)]);
+        let new_price = Money::new(2500, Currency::EUR).unwrap();
+        let events = product
+            .handle(ProductCommand::Revise {
+                name: Some(ProductName::parse("Renamed").unwrap()),
+                description: None,
+                price: Some(new_price),
+            })
+            .unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[1],
+            ProductEvent::ProductPriceChanged { price: new_price }
+        );
+        let refused = product.handle(ProductCommand::Revise {
+            name: Some(ProductName::parse("Renamed").unwrap()),
+            description: None,
+            price: Some(Money::new(0, Currency::EUR).unwrap()),
+        });
+        assert_eq!(refused, Err(ProductError::PriceNotPositive));
     }
 
     #[test]

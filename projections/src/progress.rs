@@ -128,24 +128,25 @@ impl ProjectionProgress {
     ) -> Result<Waited, sqlx::Error> {
         let sender = self.sender(name).await?;
         let mut receiver = sender.subscribe();
+        // Copy the position out at once: the watch guard must not live across an await.
         let reached = tokio::time::timeout(
             bound,
             receiver.wait_for(|position| *position >= min_position),
         )
-        .await;
-        match reached {
-            Ok(Ok(position)) => Ok(Waited::Reached(*position)),
-            _ => {
-                // A notification may have been missed; the stored checkpoint decides.
-                let position = stored_position(&self.pool, name).await?;
-                self.record(&format!("{name}:{position}"));
-                Ok(if position >= min_position {
-                    Waited::Reached(position)
-                } else {
-                    Waited::Lagging(position)
-                })
-            }
+        .await
+        .ok()
+        .and_then(|result| result.ok().map(|position| *position));
+        if let Some(position) = reached {
+            return Ok(Waited::Reached(position));
         }
+        // A notification may have been missed; the stored checkpoint decides.
+        let position = stored_position(&self.pool, name).await?;
+        self.record(&format!("{name}:{position}"));
+        Ok(if position >= min_position {
+            Waited::Reached(position)
+        } else {
+            Waited::Lagging(position)
+        })
     }
 }
 

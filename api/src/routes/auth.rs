@@ -1,0 +1,309 @@
+//! `/auth`: register, login, refresh, logout.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hindsight_commands::Actor;
+use hindsight_domain::ids::UserId;
+use hindsight_domain::role::Role;
+use hindsight_domain::user::{PasswordHash, UserCommand};
+use hindsight_domain::values::{Email, PersonName};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::auth::{access_of, hash_refresh_token};
+use crate::error::ApiError;
+use crate::extract::{ApiJson, CommandAnswer};
+use crate::password::{check_policy, PasswordError};
+use crate::request_id::RequestId;
+use crate::routes::support::{metadata, user_view_from_store, Fields};
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/logout", post(logout))
+}
+
+/// Failed logins per account: at most N an hour, then 429 until the window allows more.
+/// The counting is governor's; this only remembers which accounts are locked, so a locked
+/// account is refused before any password is hashed.
+#[derive(Debug)]
+pub struct LoginThrottle {
+    failures: DefaultKeyedRateLimiter<String>,
+    locked: Mutex<HashMap<String, Instant>>,
+}
+
+impl LoginThrottle {
+    pub fn per_hour(failures: u32) -> Self {
+        let burst = NonZeroU32::new(failures.max(1)).unwrap_or(NonZeroU32::MIN);
+        Self {
+            failures: RateLimiter::keyed(Quota::per_hour(burst)),
+            locked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn locked_for(&self, account: &str) -> Option<Duration> {
+        let mut locked = self.locked.lock().ok()?;
+        let until = *locked.get(account)?;
+        let now = Instant::now();
+        if until > now {
+            Some(until - now)
+        } else {
+            locked.remove(account);
+            None
+        }
+    }
+
+    fn record_failure(&self, account: &str) {
+        if let Err(not_until) = self.failures.check_key(&account.to_owned()) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            if let Ok(mut locked) = self.locked.lock() {
+                locked.insert(account.to_owned(), Instant::now() + wait);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    email: String,
+    password: String,
+    name: String,
+}
+
+async fn register(
+    State(state): State<AppState>,
+    request_id: RequestId,
+    ApiJson(body): ApiJson<RegisterRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    let mut fields = Fields::default();
+    let email = fields.check("email", Email::parse(&body.email));
+    let name = fields.check("name", PersonName::parse(&body.name));
+    if check_policy(&body.password).is_err() {
+        fields.fail("password", "must be 8 to 128 characters");
+    }
+    fields.finish()?;
+    let (Some(email), Some(name)) = (email, name) else {
+        return Err(ApiError::internal("validated fields missing"));
+    };
+    let hash = state
+        .passwords
+        .hash(&SecretString::from(body.password))
+        .await
+        .map_err(password_failure)?;
+    let password_hash = PasswordHash::new(hash).map_err(ApiError::internal)?;
+    let user_id = UserId::new();
+    let executed = state
+        .commands
+        .users
+        .execute(
+            user_id.as_uuid(),
+            UserCommand::Register {
+                user_id,
+                email,
+                name,
+                password_hash,
+                role: Role::Customer,
+            },
+            &metadata(Actor::anonymous(), &request_id),
+            None,
+        )
+        .await??;
+    let user = user_view_from_store(&state, user_id.as_uuid()).await?;
+    Ok(CommandAnswer::created(
+        json!({ "user": user }),
+        executed.position,
+    ))
+}
+
+fn password_failure(error: PasswordError) -> ApiError {
+    match error {
+        PasswordError::Length => ApiError::validation("password", "must be 8 to 128 characters"),
+        other => ApiError::internal(other),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    // One answer for every failure: unknown address, wrong password, deactivated user.
+    let account = Email::parse(&body.email)
+        .map(|email| email.key())
+        .unwrap_or_else(|_| body.email.trim().to_lowercase());
+    if let Some(wait) = state.login_throttle.locked_for(&account) {
+        return Err(ApiError::RateLimited { retry_after: wait });
+    }
+    let user_id: Option<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM unique_keys WHERE kind = 'email' AND key = $1",
+    )
+    .bind(&account)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(ApiError::from_sqlx)?;
+    let user_id = user_id.and_then(|id| Uuid::parse_str(&id).ok());
+    let loaded = match user_id {
+        Some(id) => state.commands.users.load(id).await?,
+        None => None,
+    };
+    let hash = loaded
+        .as_ref()
+        .and_then(|loaded| loaded.state.password_hash())
+        .map(|hash| hash.as_str().to_owned());
+    let password = SecretString::from(body.password);
+    let matches = state
+        .passwords
+        .verify(&password, hash.as_deref())
+        .await
+        .map_err(ApiError::internal)?;
+    let active = loaded
+        .as_ref()
+        .is_some_and(|loaded| loaded.state.is_active());
+    let (Some(id), true, true) = (user_id, matches, active) else {
+        state.login_throttle.record_failure(&account);
+        return Err(ApiError::Unauthenticated);
+    };
+    let access = access_of(&state.pool, id)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    let pair = state
+        .tokens
+        .issue_pair(&state.pool, id, access.role, access.token_version, None)
+        .await?;
+    Ok(Json(pair).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+async fn revoke_family(state: &AppState, family: Uuid) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE refresh_families SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(family)
+    .execute(&state.pool)
+    .await
+    .map_err(ApiError::from_sqlx)?;
+    Ok(())
+}
+
+/// Ends every refresh family of a user (password change, deactivation).
+pub async fn revoke_user_sessions(state: &AppState, user: Uuid) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE refresh_families SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .execute(&state.pool)
+    .await
+    .map_err(ApiError::from_sqlx)?;
+    Ok(())
+}
+
+async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<Response, ApiError> {
+    let hash = hash_refresh_token(&body.refresh_token);
+    let row: Option<(
+        Uuid,
+        Uuid,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    )> = sqlx::query_as(
+        "SELECT t.family_id, t.user_id, t.expires_at, t.spent_at, f.revoked_at \
+             FROM refresh_tokens t JOIN refresh_families f USING (family_id) \
+             WHERE t.token_hash = $1",
+    )
+    .bind(&hash)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(ApiError::from_sqlx)?;
+    let Some((family, user, expires_at, spent_at, revoked_at)) = row else {
+        return Err(ApiError::Unauthenticated);
+    };
+    if revoked_at.is_some() || expires_at <= Utc::now() {
+        return Err(ApiError::Unauthenticated);
+    }
+    if spent_at.is_some() {
+        // A spent token presented again: whoever holds the family is not to be trusted.
+        tracing::warn!(%user, %family, "refresh token reuse; family revoked");
+        revoke_family(&state, family).await?;
+        return Err(ApiError::Unauthenticated);
+    }
+    let spent = sqlx::query(
+        "UPDATE refresh_tokens SET spent_at = now() WHERE token_hash = $1 AND spent_at IS NULL",
+    )
+    .bind(&hash)
+    .execute(&state.pool)
+    .await
+    .map_err(ApiError::from_sqlx)?;
+    if spent.rows_affected() != 1 {
+        // Raced with another use of the same token: that is reuse too.
+        revoke_family(&state, family).await?;
+        return Err(ApiError::Unauthenticated);
+    }
+    let access = access_of(&state.pool, user)
+        .await?
+        .ok_or(ApiError::Unauthenticated)?;
+    if !access.active {
+        return Err(ApiError::Unauthenticated);
+    }
+    let pair = state
+        .tokens
+        .issue_pair(
+            &state.pool,
+            user,
+            access.role,
+            access.token_version,
+            Some((family, expires_at)),
+        )
+        .await?;
+    Ok(Json(pair).into_response())
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<StatusCode, ApiError> {
+    let family: Option<Uuid> =
+        sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(hash_refresh_token(&body.refresh_token))
+            .fetch_optional(&state.pool)
+            .await
+            .map_err(ApiError::from_sqlx)?;
+    if let Some(family) = family {
+        revoke_family(&state, family).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Shared handle type for the state.
+pub type SharedThrottle = Arc<LoginThrottle>;

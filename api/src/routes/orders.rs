@@ -1,0 +1,301 @@
+//! `/orders`: customers place, pay and cancel their own orders; admins ship and cancel
+//! any; auditors and admins read all. Another customer's order is 404.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::Router;
+use hindsight_domain::ids::{OrderId, ProductId, UserId};
+use hindsight_domain::order::{NewOrderLine, Order, OrderCommand, OrderStatus};
+use hindsight_domain::role::Role;
+use hindsight_domain::values::Quantity;
+use hindsight_projections::orders::{self, OrderFilter, OrderView};
+use hindsight_projections::page::Page;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{
+    ApiJson, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, OptionalJson, Paging,
+    ReadAnswer,
+};
+use crate::request_id::RequestId;
+use crate::routes::products::MoneyInput;
+use crate::routes::support::{actor, metadata, Fields};
+use crate::state::AppState;
+
+const PROJECTION: &str = "orders";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/orders", get(list).post(place))
+        .route("/orders/{id}", get(one))
+        .route("/orders/{id}/pay", post(pay))
+        .route("/orders/{id}/cancel", post(cancel))
+        .route("/orders/{id}/ship", post(ship))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceRequest {
+    lines: Vec<LineRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineRequest {
+    product_id: Uuid,
+    quantity: i64,
+}
+
+/// Validates each line against the product's current state and captures its SKU, name
+/// and price; the order starts `pending` and the order process decides it.
+async fn place(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    ApiJson(body): ApiJson<PlaceRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    if body.lines.len() > hindsight_domain::order::MAX_ORDER_LINES {
+        return Err(ApiError::validation("lines", "must have at most 100 lines"));
+    }
+    let mut fields = Fields::default();
+    let mut lines = Vec::with_capacity(body.lines.len());
+    for (index, line) in body.lines.iter().enumerate() {
+        let quantity = u32::try_from(line.quantity)
+            .ok()
+            .and_then(|q| Quantity::new(q).ok());
+        let Some(quantity) = quantity else {
+            fields.fail(
+                &format!("lines[{index}].quantity"),
+                "must be a positive whole number",
+            );
+            continue;
+        };
+        let product = state.commands.products.load(line.product_id).await?;
+        let Some(product) = product.map(|loaded| loaded.state) else {
+            fields.fail(&format!("lines[{index}].product_id"), "is not a product");
+            continue;
+        };
+        if product.is_discontinued() {
+            return Err(ApiError::Conflict {
+                code: "PRODUCT_DISCONTINUED",
+                message: format!("product {} is discontinued", line.product_id),
+            });
+        }
+        match (product.sku(), product.name(), product.price()) {
+            (Some(sku), Some(name), Some(price)) => lines.push(NewOrderLine {
+                product_id: ProductId::from_uuid(line.product_id),
+                sku: sku.clone(),
+                name: name.clone(),
+                quantity,
+                unit_price: price,
+            }),
+            _ => fields.fail(&format!("lines[{index}].product_id"), "is not a product"),
+        }
+    }
+    fields.finish()?;
+    let order_id = OrderId::new();
+    let executed = state
+        .commands
+        .orders
+        .execute(
+            order_id.as_uuid(),
+            OrderCommand::Place {
+                order_id,
+                customer_id: UserId::from_uuid(user.id),
+                lines,
+            },
+            &metadata(actor(&user), &request_id),
+            None,
+        )
+        .await??;
+    Ok(CommandAnswer::created(
+        json!({ "id": order_id.as_uuid(), "status": OrderStatus::Pending }),
+        executed.position,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<OrderStatus>,
+    customer_id: Option<Uuid>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    min_position: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<ReadAnswer<Page<OrderView>>, ApiError> {
+    let page = Paging::page(query.limit, query.cursor)?;
+    let customer_id = match user.role {
+        // A customer's list is their own, whatever they ask for.
+        Role::Customer => {
+            if query.customer_id.is_some_and(|asked| asked != user.id) {
+                return Err(ApiError::validation(
+                    "customer_id",
+                    "customers see only their own orders",
+                ));
+            }
+            Some(user.id)
+        }
+        _ => query.customer_id,
+    };
+    let position = MinPosition::at(query.min_position)
+        .wait(&state, PROJECTION)
+        .await?;
+    let filter = OrderFilter {
+        status: query.status,
+        customer_id: customer_id.map(UserId::from_uuid),
+    };
+    let body = orders::list(&state.pool, &filter, &page).await?;
+    Ok(ReadAnswer {
+        body,
+        projection_position: position,
+        version: None,
+    })
+}
+
+async fn one(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+    ApiQuery(at): ApiQuery<MinPosition>,
+) -> Result<ReadAnswer<OrderView>, ApiError> {
+    let position = at.wait(&state, PROJECTION).await?;
+    let order = orders::get(&state.pool, OrderId::from_uuid(id))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if user.role == Role::Customer && order.customer_id.as_uuid() != user.id {
+        return Err(ApiError::NotFound);
+    }
+    Ok(ReadAnswer {
+        version: Some(order.version),
+        body: order,
+        projection_position: position,
+    })
+}
+
+/// Loads an order the caller may act on: customers only their own (else 404).
+async fn order_for(state: &AppState, user: &AuthUser, id: Uuid) -> Result<Order, ApiError> {
+    let order = state
+        .commands
+        .orders
+        .load(id)
+        .await?
+        .ok_or(ApiError::NotFound)?
+        .state;
+    let owner = order.customer_id().map(|customer| customer.as_uuid());
+    if user.role == Role::Customer && owner != Some(user.id) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(order)
+}
+
+async fn execute(
+    state: &AppState,
+    user: &AuthUser,
+    request_id: &RequestId,
+    id: Uuid,
+    command: OrderCommand,
+    expected: IfMatch,
+) -> Result<CommandAnswer, ApiError> {
+    let executed = state
+        .commands
+        .orders
+        .execute(id, command, &metadata(actor(user), request_id), expected.0)
+        .await??;
+    let order = state
+        .commands
+        .orders
+        .load(id)
+        .await?
+        .ok_or(ApiError::NotFound)?
+        .state;
+    Ok(CommandAnswer::ok(
+        json!({ "id": id, "status": order.status(), "version": executed.version }),
+        executed.position,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayRequest {
+    amount: MoneyInput,
+}
+
+async fn pay(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    ApiJson(body): ApiJson<PayRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    order_for(&state, &user, id).await?;
+    let mut fields = Fields::default();
+    let amount = body.amount.parse("amount", &mut fields);
+    fields.finish()?;
+    let amount = amount.ok_or_else(|| ApiError::internal("validated amount missing"))?;
+    execute(
+        &state,
+        &user,
+        &request_id,
+        id,
+        OrderCommand::Pay { amount },
+        expected,
+    )
+    .await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelRequest {
+    reason: Option<String>,
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    OptionalJson(body): OptionalJson<CancelRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    order_for(&state, &user, id).await?;
+    let reason = body.and_then(|body| body.reason);
+    if reason
+        .as_ref()
+        .is_some_and(|reason| reason.chars().count() > 500)
+    {
+        return Err(ApiError::validation(
+            "reason",
+            "must be at most 500 characters",
+        ));
+    }
+    execute(
+        &state,
+        &user,
+        &request_id,
+        id,
+        OrderCommand::Cancel { reason },
+        expected,
+    )
+    .await
+}
+
+async fn ship(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    _body: NoFields,
+) -> Result<CommandAnswer, ApiError> {
+    order_for(&state, &user, id).await?;
+    execute(&state, &user, &request_id, id, OrderCommand::Ship, expected).await
+}

@@ -1,0 +1,281 @@
+//! `/products`: the catalog (anyone reads it) and its administration.
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::Router;
+use hindsight_domain::ids::ProductId;
+use hindsight_domain::product::{ProductCommand, ProductStatus};
+use hindsight_domain::values::{Currency, Description, Money, ProductName, Quantity, Sku};
+use hindsight_projections::page::Page;
+use hindsight_projections::products::{self, ProductFilter, ProductSort, ProductView};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{
+    ApiJson, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, Paging, ReadAnswer,
+};
+use crate::request_id::RequestId;
+use crate::routes::support::{actor, metadata, Fields};
+use crate::state::AppState;
+
+const PROJECTION: &str = "products";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/products", get(list).post(create))
+        .route("/products/{id}", get(one).patch(revise))
+        .route("/products/{id}/restock", post(restock))
+        .route("/products/{id}/discontinue", post(discontinue))
+}
+
+/// Money as clients send it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyInput {
+    pub amount: i64,
+    pub currency: String,
+}
+
+impl MoneyInput {
+    pub fn parse(&self, field: &str, fields: &mut Fields) -> Option<Money> {
+        let currency = fields.check(
+            &format!("{field}.currency"),
+            Currency::parse(&self.currency),
+        )?;
+        fields.check(
+            &format!("{field}.amount"),
+            Money::new(self.amount, currency),
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    q: Option<String>,
+    status: Option<ProductStatus>,
+    min_price: Option<i64>,
+    max_price: Option<i64>,
+    sort: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    min_position: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<ReadAnswer<Page<ProductView>>, ApiError> {
+    let sort = match query.sort.as_deref() {
+        None => ProductSort::default(),
+        Some(sort) => sort.parse::<ProductSort>().map_err(|_| {
+            ApiError::validation(
+                "sort",
+                "must be one of name, price, -price, created_at, -created_at",
+            )
+        })?,
+    };
+    if let (Some(min), Some(max)) = (query.min_price, query.max_price) {
+        if min > max {
+            return Err(ApiError::validation(
+                "min_price",
+                "must not exceed max_price",
+            ));
+        }
+    }
+    let page = Paging::page(query.limit, query.cursor)?;
+    let position = MinPosition::at(query.min_position)
+        .wait(&state, PROJECTION)
+        .await?;
+    let filter = ProductFilter {
+        q: query.q,
+        status: query.status,
+        min_price: query.min_price,
+        max_price: query.max_price,
+    };
+    let body = products::list(&state.pool, &filter, sort, &page).await?;
+    Ok(ReadAnswer {
+        body,
+        projection_position: position,
+        version: None,
+    })
+}
+
+async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    ApiQuery(at): ApiQuery<MinPosition>,
+) -> Result<ReadAnswer<ProductView>, ApiError> {
+    let position = at.wait(&state, PROJECTION).await?;
+    let product = products::get(&state.pool, ProductId::from_uuid(id))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(ReadAnswer {
+        version: Some(product.version),
+        body: product,
+        projection_position: position,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    sku: String,
+    name: String,
+    #[serde(default)]
+    description: String,
+    price: MoneyInput,
+    stock: i64,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    ApiJson(body): ApiJson<CreateRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    let mut fields = Fields::default();
+    let sku = fields.check("sku", Sku::parse(&body.sku));
+    let name = fields.check("name", ProductName::parse(&body.name));
+    let description = fields.check("description", Description::parse(&body.description));
+    let price = body.price.parse("price", &mut fields);
+    let stock = u32::try_from(body.stock).ok();
+    if stock.is_none() {
+        fields.fail("stock", "must be a whole number from 0 to 4294967295");
+    }
+    fields.finish()?;
+    let (Some(sku), Some(name), Some(description), Some(price), Some(stock)) =
+        (sku, name, description, price, stock)
+    else {
+        return Err(ApiError::internal("validated fields missing"));
+    };
+    let product_id = ProductId::new();
+    let executed = state
+        .commands
+        .products
+        .execute(
+            product_id.as_uuid(),
+            ProductCommand::Create {
+                product_id,
+                sku,
+                name,
+                description,
+                price,
+                stock,
+            },
+            &metadata(actor(&user), &request_id),
+            None,
+        )
+        .await??;
+    Ok(CommandAnswer::created(
+        json!({ "id": product_id.as_uuid() }),
+        executed.position,
+    ))
+}
+
+async fn execute(
+    state: &AppState,
+    user: &AuthUser,
+    request_id: &RequestId,
+    id: Uuid,
+    command: ProductCommand,
+    expected: IfMatch,
+) -> Result<CommandAnswer, ApiError> {
+    let executed = state
+        .commands
+        .products
+        .execute(id, command, &metadata(actor(user), request_id), expected.0)
+        .await??;
+    Ok(CommandAnswer::ok(
+        json!({ "id": id, "version": executed.version }),
+        executed.position,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviseRequest {
+    name: Option<String>,
+    description: Option<String>,
+    price: Option<MoneyInput>,
+}
+
+async fn revise(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    ApiJson(body): ApiJson<ReviseRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    let mut fields = Fields::default();
+    let name = body
+        .name
+        .as_deref()
+        .and_then(|name| fields.check("name", ProductName::parse(name)));
+    let description = body
+        .description
+        .as_deref()
+        .and_then(|text| fields.check("description", Description::parse(text)));
+    let price = body
+        .price
+        .as_ref()
+        .and_then(|price| price.parse("price", &mut fields));
+    fields.finish()?;
+    let command = ProductCommand::Revise {
+        name,
+        description,
+        price,
+    };
+    execute(&state, &user, &request_id, id, command, expected).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestockRequest {
+    quantity: i64,
+}
+
+async fn restock(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    ApiJson(body): ApiJson<RestockRequest>,
+) -> Result<CommandAnswer, ApiError> {
+    let quantity = u32::try_from(body.quantity)
+        .ok()
+        .and_then(|quantity| Quantity::new(quantity).ok())
+        .ok_or_else(|| ApiError::validation("quantity", "must be a positive whole number"))?;
+    execute(
+        &state,
+        &user,
+        &request_id,
+        id,
+        ProductCommand::Restock { quantity },
+        expected,
+    )
+    .await
+}
+
+async fn discontinue(
+    State(state): State<AppState>,
+    user: AuthUser,
+    request_id: RequestId,
+    Path(id): Path<Uuid>,
+    expected: IfMatch,
+    _body: NoFields,
+) -> Result<CommandAnswer, ApiError> {
+    execute(
+        &state,
+        &user,
+        &request_id,
+        id,
+        ProductCommand::Discontinue,
+        expected,
+    )
+    .await
+}
