@@ -437,3 +437,133 @@ impl Drop for PrivateNats {
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }
+
+/// The whole system for HTTP tests: a database, a stream, the app, the relay and every
+/// read model's worker. Everything stops and is removed on drop.
+#[derive(Debug)]
+pub struct TestSystem {
+    pub app: TestApp,
+    pub stream: TestStream,
+    pub db: TestDb,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// A signed-in test user.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: uuid::Uuid,
+    pub email: String,
+    pub password: String,
+    pub access_token: String,
+    pub refresh_token: String,
+}
+
+impl TestSystem {
+    pub async fn start() -> Self {
+        let db = TestDb::new().await;
+        let stream = TestStream::new().await;
+        let app = TestApp::spawn(&db).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let relay = hindsight_commands::relay::Relay::new(
+            db.pool.clone(),
+            stream.client.clone(),
+            stream.relay_settings(),
+        );
+        tokio::spawn(relay.run(stop.clone()));
+        for model in hindsight_projections::live_read_models() {
+            let worker = hindsight_projections::worker::ProjectionWorker::new(
+                db.pool.clone(),
+                stream.client.clone(),
+                model,
+                stream.worker_settings(),
+            );
+            tokio::spawn(worker.run(stop.clone()));
+        }
+        Self {
+            app,
+            stream,
+            db,
+            stop,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.app.url(path)
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.app.client
+    }
+
+    /// Creates a user with `role` through the command layer (as `hindsight user create`
+    /// does) and signs them in over HTTP.
+    pub async fn user(&self, role: hindsight_domain::role::Role) -> TestUser {
+        use hindsight_domain::user::{PasswordHash, UserCommand};
+        use hindsight_domain::values::{Email, PersonName};
+        let id = hindsight_domain::ids::UserId::new();
+        let email = format!(
+            "{}-{}@example.com",
+            role.as_str(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let password = "correct horse battery staple".to_owned();
+        let hash = self
+            .app
+            .state
+            .passwords
+            .hash(&secrecy::SecretString::from(password.clone()))
+            .await
+            .expect("hash");
+        self.app
+            .state
+            .commands
+            .users
+            .execute(
+                id.as_uuid(),
+                UserCommand::Register {
+                    user_id: id,
+                    email: Email::parse(&email).expect("email"),
+                    name: PersonName::parse("Test User").expect("name"),
+                    password_hash: PasswordHash::new(hash).expect("hash"),
+                    role,
+                },
+                &hindsight_commands::EventMetadata::for_request(
+                    hindsight_commands::Actor::system(),
+                    "test-setup",
+                ),
+                None,
+            )
+            .await
+            .expect("store")
+            .expect("registered");
+        let tokens = self.login(&email, &password).await;
+        TestUser {
+            id: id.as_uuid(),
+            email,
+            password,
+            access_token: tokens["access_token"].as_str().expect("access").to_owned(),
+            refresh_token: tokens["refresh_token"]
+                .as_str()
+                .expect("refresh")
+                .to_owned(),
+        }
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> serde_json::Value {
+        let response = self
+            .client()
+            .post(self.url("/api/v1/auth/login"))
+            .json(&serde_json::json!({ "email": email, "password": password }))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(response.status(), 200, "login of {email}");
+        response.json().await.expect("login body")
+    }
+}
+
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -3,6 +3,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod api;
 mod chaos;
 mod dependencies;
 mod distribution;
