@@ -7,8 +7,14 @@
 //! model is. One module per read model ([`users`], [`products`], [`orders`], [`sales`],
 //! [`audit_trail`]) holds its tables' apply logic and its queries; [`page`] holds the
 //! keyset pagination and opaque cursors their lists share.
+//!
+//! The same workers also run the process managers, which react to events by executing
+//! commands rather than by writing tables: [`order_process`] reserves stock for every
+//! placed order and confirms or rejects it, releases the stock of cancelled orders and
+//! commits that of shipped ones.
 
 pub mod audit_trail;
+pub mod order_process;
 pub mod orders;
 pub mod page;
 pub mod products;
@@ -20,6 +26,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
+use hindsight_commands::CommandBus;
 use read_model::ReadModel;
 
 /// Every read model, writing its live tables: what the process runs one worker for each.
@@ -31,4 +38,10 @@ pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
         Arc::new(sales::Sales::live()),
         Arc::new(audit_trail::AuditTrail::live()),
     ]
+}
+
+/// Every process manager, executing its commands through `commands`: what the process
+/// runs one worker for each, beside the read models.
+pub fn process_managers(commands: CommandBus) -> Vec<Arc<dyn ReadModel>> {
+    vec![Arc::new(order_process::OrderProcess::new(commands))]
 }

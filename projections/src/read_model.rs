@@ -3,11 +3,12 @@
 
 use futures::future::BoxFuture;
 use hindsight_commands::event::EventDecodeError;
-use hindsight_commands::StoredEvent;
+use hindsight_commands::{StoreError, StoredEvent};
 use sqlx::PgConnection;
 
 /// Why a batch could not be applied. The worker rolls the transaction back and retries a
-/// bounded number of times before it marks the projection `failed`.
+/// bounded number of times before it marks the projection `failed`, except after
+/// [`ApplyError::Unavailable`], which is never the events' fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
@@ -16,6 +17,17 @@ pub enum ApplyError {
     Database(#[from] sqlx::Error),
     #[error("event at position {position} breaks the read model: {reason}")]
     Invariant { position: i64, reason: String },
+    /// Something beyond the worker's transaction failed for now: the event store a
+    /// process manager executes its commands against, or an aggregate too contended to
+    /// change. The batch is retried later and no event is ever marked as poison for it.
+    #[error("temporarily unable to apply: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(error: StoreError) -> Self {
+        Self::Unavailable(Box::new(error))
+    }
 }
 
 /// A read model fed by the event stream.
@@ -25,6 +37,11 @@ pub enum ApplyError {
 /// connection, which is inside the transaction that also advances the projection's
 /// checkpoint. It must be deterministic: a rebuild replays the same events into empty
 /// tables and must reach the same state.
+///
+/// A process manager ([`crate::order_process`]) is a read model that also executes
+/// commands. Those commit on their own, outside the worker's transaction, so a batch
+/// redone after a crash issues them again: each must be idempotent or recognisably
+/// already done.
 pub trait ReadModel: Send + Sync + 'static {
     /// The projection's stable name, e.g. `users`.
     fn name(&self) -> &'static str;

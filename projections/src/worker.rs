@@ -70,6 +70,8 @@ pub enum WorkerError {
     Poisoned { position: i64, error: String },
     #[error("the checkpoint moved from {expected} to {found} under this worker")]
     CheckpointMoved { expected: i64, found: i64 },
+    #[error("the read model cannot apply for now: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One event as delivered by JetStream.
@@ -481,12 +483,14 @@ fn is_connectivity(error: &sqlx::Error) -> bool {
 
 impl CommitError {
     /// Whether the events themselves may be what fails (as opposed to the database being
-    /// unreachable or another worker having moved the checkpoint).
+    /// unreachable, something the read model depends on being unavailable, or another
+    /// worker having moved the checkpoint).
     fn may_be_poison(&self) -> bool {
         match self {
             Self::Apply(ApplyError::Database(error)) | Self::Database(error) => {
                 !is_connectivity(error)
             }
+            Self::Apply(ApplyError::Unavailable(_)) => false,
             Self::Apply(_) => true,
             Self::Moved { .. } => false,
         }
@@ -504,6 +508,7 @@ impl From<CommitError> for WorkerError {
                 position,
                 error: reason,
             },
+            CommitError::Apply(ApplyError::Unavailable(error)) => Self::Unavailable(error),
             CommitError::Moved { expected, found } => Self::CheckpointMoved { expected, found },
         }
     }
