@@ -479,6 +479,15 @@ impl TestSystem {
             );
             tokio::spawn(worker.run(stop.clone()));
         }
+        for manager in hindsight_projections::process_managers(app.state.commands.clone()) {
+            let worker = hindsight_projections::worker::ProjectionWorker::new(
+                db.pool.clone(),
+                stream.client.clone(),
+                manager,
+                stream.worker_settings(),
+            );
+            tokio::spawn(worker.run(stop.clone()));
+        }
         Self {
             app,
             stream,

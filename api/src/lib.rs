@@ -13,7 +13,6 @@
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware;
-use axum::routing::get;
 use axum::Router;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -67,16 +66,8 @@ fn cors(origins: &[String]) -> CorsLayer {
 /// The whole HTTP application.
 pub fn build_app(state: AppState) -> Router {
     metrics::install();
-    let api = Router::new()
-        .merge(routes::auth::routes())
-        .merge(routes::users::routes())
-        .merge(routes::products::routes())
-        .merge(routes::orders::routes());
-    Router::new()
-        .route("/health/live", get(routes::health::live))
-        .route("/health/ready", get(routes::health::ready))
-        .route("/metrics", get(metrics::render))
-        .nest("/api/v1", api)
+    let (routes, _) = routes::all();
+    routes
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             policy::authorize,

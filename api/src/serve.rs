@@ -129,6 +129,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
             workers.spawn(worker.run(shutdown.clone()));
         }
+        // Process managers issue commands inside their batch: small batches keep their
+        // transaction (and the work redone after a crash) short.
+        for manager in hindsight_projections::process_managers(state.commands.clone()) {
+            let mut settings = WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix);
+            settings.batch_size = 50;
+            settings.catch_up_batch = 200;
+            let worker = ProjectionWorker::new(state.pool.clone(), nats.clone(), manager, settings);
+            workers.spawn(worker.run(shutdown.clone()));
+        }
     }
     if components.is_empty() && workers.is_empty() {
         anyhow::bail!("every component is switched off: enable at least one of HINDSIGHT_RUN_API, HINDSIGHT_RUN_RELAY, HINDSIGHT_RUN_PROJECTIONS");

@@ -4,9 +4,11 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod api;
+mod authorization;
 mod chaos;
 mod dependencies;
 mod distribution;
 mod event_store;
 mod health;
+mod order_process;
 mod read_models;

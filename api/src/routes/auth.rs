@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
+use axum::http::Method;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hindsight_commands::Actor;
@@ -28,14 +28,15 @@ use crate::extract::{ApiJson, CommandAnswer};
 use crate::password::{check_policy, PasswordError};
 use crate::request_id::RequestId;
 use crate::routes::support::{metadata, user_view_from_store, Fields};
+use crate::routes::Routes;
 use crate::state::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/auth/register", post(register))
-        .route("/auth/login", post(login))
-        .route("/auth/refresh", post(refresh))
-        .route("/auth/logout", post(logout))
+pub fn routes(routes: Routes) -> Routes {
+    routes
+        .add(Method::POST, "/auth/register", register)
+        .add(Method::POST, "/auth/login", login)
+        .add(Method::POST, "/auth/refresh", refresh)
+        .add(Method::POST, "/auth/logout", logout)
 }
 
 /// Failed logins per account: at most N an hour, then 429 until the window allows more.
@@ -226,27 +227,38 @@ pub async fn revoke_user_sessions(state: &AppState, user: Uuid) -> Result<(), Ap
     Ok(())
 }
 
+/// A refresh token's row and its family's revocation.
+#[derive(Debug, sqlx::FromRow)]
+struct StoredRefresh {
+    family_id: Uuid,
+    user_id: Uuid,
+    expires_at: DateTime<Utc>,
+    spent_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
 async fn refresh(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RefreshRequest>,
 ) -> Result<Response, ApiError> {
     let hash = hash_refresh_token(&body.refresh_token);
-    let row: Option<(
-        Uuid,
-        Uuid,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    )> = sqlx::query_as(
+    let row: Option<StoredRefresh> = sqlx::query_as(
         "SELECT t.family_id, t.user_id, t.expires_at, t.spent_at, f.revoked_at \
-             FROM refresh_tokens t JOIN refresh_families f USING (family_id) \
-             WHERE t.token_hash = $1",
+         FROM refresh_tokens t JOIN refresh_families f USING (family_id) \
+         WHERE t.token_hash = $1",
     )
     .bind(&hash)
     .fetch_optional(&state.pool)
     .await
     .map_err(ApiError::from_sqlx)?;
-    let Some((family, user, expires_at, spent_at, revoked_at)) = row else {
+    let Some(StoredRefresh {
+        family_id: family,
+        user_id: user,
+        expires_at,
+        spent_at,
+        revoked_at,
+    }) = row
+    else {
         return Err(ApiError::Unauthenticated);
     };
     if revoked_at.is_some() || expires_at <= Utc::now() {

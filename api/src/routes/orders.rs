@@ -2,8 +2,7 @@
 //! any; auditors and admins read all. Another customer's order is 404.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::http::Method;
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
 use hindsight_domain::order::{NewOrderLine, Order, OrderCommand, OrderStatus};
 use hindsight_domain::role::Role;
@@ -23,17 +22,19 @@ use crate::extract::{
 use crate::request_id::RequestId;
 use crate::routes::products::MoneyInput;
 use crate::routes::support::{actor, metadata, Fields};
+use crate::routes::Routes;
 use crate::state::AppState;
 
 const PROJECTION: &str = "orders";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/orders", get(list).post(place))
-        .route("/orders/{id}", get(one))
-        .route("/orders/{id}/pay", post(pay))
-        .route("/orders/{id}/cancel", post(cancel))
-        .route("/orders/{id}/ship", post(ship))
+pub fn routes(routes: Routes) -> Routes {
+    routes
+        .add(Method::GET, "/orders", list)
+        .add(Method::POST, "/orders", place)
+        .add(Method::GET, "/orders/{id}", one)
+        .add(Method::POST, "/orders/{id}/pay", pay)
+        .add(Method::POST, "/orders/{id}/cancel", cancel)
+        .add(Method::POST, "/orders/{id}/ship", ship)
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,8 +1,7 @@
 //! `/products`: the catalog (anyone reads it) and its administration.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::http::Method;
 use hindsight_domain::ids::ProductId;
 use hindsight_domain::product::{ProductCommand, ProductStatus};
 use hindsight_domain::values::{Currency, Description, Money, ProductName, Quantity, Sku};
@@ -19,16 +18,19 @@ use crate::extract::{
 };
 use crate::request_id::RequestId;
 use crate::routes::support::{actor, metadata, Fields};
+use crate::routes::Routes;
 use crate::state::AppState;
 
 const PROJECTION: &str = "products";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/products", get(list).post(create))
-        .route("/products/{id}", get(one).patch(revise))
-        .route("/products/{id}/restock", post(restock))
-        .route("/products/{id}/discontinue", post(discontinue))
+pub fn routes(routes: Routes) -> Routes {
+    routes
+        .add(Method::GET, "/products", list)
+        .add(Method::POST, "/products", create)
+        .add(Method::GET, "/products/{id}", one)
+        .add(Method::PATCH, "/products/{id}", revise)
+        .add(Method::POST, "/products/{id}/restock", restock)
+        .add(Method::POST, "/products/{id}/discontinue", discontinue)
 }
 
 /// Money as clients send it.

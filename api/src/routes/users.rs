@@ -1,8 +1,8 @@
 //! `/users`: the caller's own profile and password, and user administration.
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::http::Method;
+use axum::Json;
 use hindsight_domain::ids::UserId;
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
@@ -22,19 +22,21 @@ use crate::extract::{
 use crate::request_id::RequestId;
 use crate::routes::auth::revoke_user_sessions;
 use crate::routes::support::{actor, metadata, user_view_from_store, Fields};
+use crate::routes::Routes;
 use crate::state::AppState;
 
 const PROJECTION: &str = "users";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/users/me", get(me).patch(rename_me))
-        .route("/users/me/password", post(change_password))
-        .route("/users", get(list))
-        .route("/users/{id}", get(one))
-        .route("/users/{id}/role", put(assign_role))
-        .route("/users/{id}/deactivate", post(deactivate))
-        .route("/users/{id}/reactivate", post(reactivate))
+pub fn routes(routes: Routes) -> Routes {
+    routes
+        .add(Method::GET, "/users/me", me)
+        .add(Method::PATCH, "/users/me", rename_me)
+        .add(Method::POST, "/users/me/password", change_password)
+        .add(Method::GET, "/users", list)
+        .add(Method::GET, "/users/{id}", one)
+        .add(Method::PUT, "/users/{id}/role", assign_role)
+        .add(Method::POST, "/users/{id}/deactivate", deactivate)
+        .add(Method::POST, "/users/{id}/reactivate", reactivate)
 }
 
 async fn read_one(
