@@ -114,6 +114,11 @@ impl ProjectionProgress {
             .clone())
     }
 
+    /// A receiver that changes whenever projection `name` reports progress.
+    pub async fn subscribe(&self, name: &str) -> Result<watch::Receiver<i64>, sqlx::Error> {
+        Ok(self.sender(name).await?.subscribe())
+    }
+
     /// The position projection `name` has applied.
     pub async fn position(&self, name: &str) -> Result<i64, sqlx::Error> {
         Ok(*self.sender(name).await?.borrow())

@@ -11,4 +11,5 @@ mod distribution;
 mod event_store;
 mod health;
 mod order_process;
+mod orders;
 mod read_models;

@@ -1,8 +1,12 @@
 //! `/orders`: customers place, pay and cancel their own orders; admins ship and cancel
 //! any; auditors and admins read all. Another customer's order is 404.
 
+use std::convert::Infallible;
+use std::time::Duration;
+
 use axum::extract::{Path, State};
 use axum::http::Method;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
 use hindsight_domain::order::{NewOrderLine, Order, OrderCommand, OrderStatus};
 use hindsight_domain::role::Role;
@@ -32,6 +36,7 @@ pub fn routes(routes: Routes) -> Routes {
         .add(Method::GET, "/orders", list)
         .add(Method::POST, "/orders", place)
         .add(Method::GET, "/orders/{id}", one)
+        .add(Method::GET, "/orders/{id}/stream", stream)
         .add(Method::POST, "/orders/{id}/pay", pay)
         .add(Method::POST, "/orders/{id}/cancel", cancel)
         .add(Method::POST, "/orders/{id}/ship", ship)
@@ -179,6 +184,130 @@ async fn one(
         body: order,
         projection_position: position,
     })
+}
+
+/// How long an order's status stream stays open at most.
+const STREAM_LIMIT: Duration = Duration::from_secs(300);
+
+fn is_terminal(status: OrderStatus) -> bool {
+    matches!(
+        status,
+        OrderStatus::Rejected | OrderStatus::Shipped | OrderStatus::Cancelled
+    )
+}
+
+/// The status an order event moves the order to, if it moves it.
+fn status_after(event_type: &str) -> Option<OrderStatus> {
+    Some(match event_type {
+        "OrderPlaced" => OrderStatus::Pending,
+        "OrderConfirmed" => OrderStatus::Confirmed,
+        "OrderRejected" => OrderStatus::Rejected,
+        "OrderPaid" => OrderStatus::Paid,
+        "OrderShipped" => OrderStatus::Shipped,
+        "OrderCancelled" => OrderStatus::Cancelled,
+        _ => return None,
+    })
+}
+
+struct Watch {
+    state: AppState,
+    id: Uuid,
+    progress: tokio::sync::watch::Receiver<i64>,
+    last_sequence: i64,
+    pending: std::collections::VecDeque<SseEvent>,
+    deadline: tokio::time::Instant,
+    done: bool,
+}
+
+impl Watch {
+    /// Reads the order's events after the last one seen, from the event store (so every
+    /// change is delivered, in order, even when a read model applies several at once).
+    async fn read_new(&mut self) -> Result<(), sqlx::Error> {
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+            "SELECT sequence, position, event_type FROM events \
+             WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence > $2 \
+             ORDER BY sequence",
+        )
+        .bind(self.id.to_string())
+        .bind(self.last_sequence)
+        .fetch_all(&self.state.pool)
+        .await?;
+        for (sequence, position, event_type) in rows {
+            self.last_sequence = sequence;
+            if let Some(status) = status_after(&event_type) {
+                let data = json!({
+                    "id": self.id, "status": status, "version": sequence, "position": position,
+                });
+                self.pending
+                    .push_back(SseEvent::default().event("status").data(data.to_string()));
+                if is_terminal(status) {
+                    self.done = true;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next status change, or `None` when the order is terminal or time is up.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(error) = self.read_new().await {
+                tracing::warn!(%error, "order stream: read failed; closing");
+                return None;
+            }
+            if !self.pending.is_empty() {
+                continue;
+            }
+            // Wake on the orders projection's progress; a slow tick covers a stalled relay.
+            let woke = tokio::time::timeout_at(
+                self.deadline,
+                tokio::time::timeout(Duration::from_secs(1), self.progress.changed()),
+            )
+            .await;
+            match woke {
+                Err(_) => self.done = true,
+                // The progress feed is gone (shutting down): fall back to the slow tick.
+                Ok(Ok(Err(_))) => tokio::time::sleep(Duration::from_secs(1)).await,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// `GET /orders/{id}/stream`: server-sent events, one `status` event per status change,
+/// in order, read from the order's own events; closes when the order is terminal or
+/// after a bounded time. Waiting wakes on the orders projection's progress.
+async fn stream(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<Uuid>,
+) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    order_for(&state, &user, id).await?;
+    let progress = state
+        .progress
+        .subscribe(PROJECTION)
+        .await
+        .map_err(ApiError::from_sqlx)?;
+    let watch = Watch {
+        state,
+        id,
+        progress,
+        last_sequence: 0,
+        pending: std::collections::VecDeque::new(),
+        deadline: tokio::time::Instant::now() + STREAM_LIMIT,
+        done: false,
+    };
+    let events = futures::stream::unfold(watch, |mut watch| async move {
+        watch.next().await.map(|event| (Ok(event), watch))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 /// Loads an order the caller may act on: customers only their own (else 404).
