@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod metrics;
 pub mod password;
 pub mod policy;
@@ -68,6 +69,11 @@ pub fn build_app(state: AppState) -> Router {
     metrics::install();
     let (routes, _) = routes::all();
     routes
+        // Route layers run outermost last: metrics, then authorization, then idempotency.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             policy::authorize,

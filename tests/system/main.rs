@@ -10,6 +10,7 @@ mod dependencies;
 mod distribution;
 mod event_store;
 mod health;
+mod idempotency;
 mod order_process;
 mod orders;
 mod read_models;
