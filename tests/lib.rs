@@ -141,6 +141,11 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(db: &TestDb) -> Self {
+        Self::spawn_with(db, |_| {}).await
+    }
+
+    /// Spawns the app after `configure` adjusted its state.
+    pub async fn spawn_with(db: &TestDb, configure: impl FnOnce(&mut AppState)) -> Self {
         let nats = async_nats::connect(nats_url())
             .await
             .unwrap_or_else(|error| {
@@ -156,7 +161,7 @@ impl TestApp {
         )
         .await
         .expect("listen for projection progress");
-        let state = AppState {
+        let mut state = AppState {
             commands: db.commands(StoreSettings::default()),
             pool: db.pool.clone(),
             nats: Some(nats),
@@ -171,7 +176,11 @@ impl TestApp {
                 std::time::Duration::from_secs(30 * 24 * 3600),
             )),
             login_throttle: Arc::new(hindsight_api::routes::auth::LoginThrottle::per_hour(100)),
+            // Off by default: tests send many requests from one address. The rate-limit
+            // test switches them on with `spawn_with`.
+            rate_limits: None,
         };
+        configure(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");

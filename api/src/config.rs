@@ -166,6 +166,9 @@ pub struct ServeArgs {
     /// Requests per second allowed per client IP (burst is twice this).
     #[arg(long, env = "HINDSIGHT_RATE_LIMIT_PER_SECOND", value_name = "HINDSIGHT_RATE_LIMIT_PER_SECOND", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_second: u32,
+    /// Calls of login, refresh and register allowed per client IP per minute.
+    #[arg(long, env = "HINDSIGHT_AUTH_RATE_LIMIT_PER_MINUTE", value_name = "HINDSIGHT_AUTH_RATE_LIMIT_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_rate_limit_per_minute: u32,
     /// Failed logins allowed per account per hour.
     #[arg(long, env = "HINDSIGHT_FAILED_LOGINS_PER_HOUR", value_name = "HINDSIGHT_FAILED_LOGINS_PER_HOUR", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub failed_logins_per_hour: u32,

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod password;
 pub mod policy;
 pub mod protect;
+pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod serve;
@@ -84,6 +85,10 @@ pub fn build_app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             protect::timeout,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::layer,
         ))
         .layer(CompressionLayer::new())
         .layer(cors(&state.settings.cors_origins))

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Tokens;
 use crate::config::ServeArgs;
 use crate::password::Passwords;
+use crate::rate_limit::RateLimits;
 use crate::routes::auth::LoginThrottle;
 use crate::state::{AppState, HttpSettings};
 
@@ -83,8 +84,26 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.refresh_token_ttl,
         )),
         login_throttle: Arc::new(LoginThrottle::per_hour(args.failed_logins_per_hour)),
+        rate_limits: args.rate_limits.then(|| {
+            Arc::new(RateLimits::new(
+                args.rate_limit_per_second,
+                args.auth_rate_limit_per_minute,
+            ))
+        }),
     };
 
+    if let Some(limits) = state.rate_limits.clone() {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every_minute.tick() => limits.forget_idle(),
+                }
+            }
+        });
+    }
     let mut components: JoinSet<(&'static str, anyhow::Result<()>)> = JoinSet::new();
     if args.run_api {
         let listener = tokio::net::TcpListener::bind(args.listen_addr)

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 
 use crate::auth::Tokens;
 use crate::password::Passwords;
+use crate::rate_limit::RateLimits;
 use crate::routes::auth::LoginThrottle;
 
 /// Cheap to clone: everything inside is reference counted.
@@ -21,6 +22,8 @@ pub struct AppState {
     pub settings: Arc<HttpSettings>,
     pub tokens: Arc<Tokens>,
     pub login_throttle: Arc<LoginThrottle>,
+    /// Per-IP limits; `None` when switched off.
+    pub rate_limits: Option<Arc<RateLimits>>,
 }
 
 /// The HTTP layer's own settings, taken from the configuration at start-up.

@@ -13,4 +13,5 @@ mod health;
 mod idempotency;
 mod order_process;
 mod orders;
+mod protections;
 mod read_models;

@@ -50,9 +50,16 @@ pub struct LoginThrottle {
 
 impl LoginThrottle {
     pub fn per_hour(failures: u32) -> Self {
-        let burst = NonZeroU32::new(failures.max(1)).unwrap_or(NonZeroU32::MIN);
+        let failures = failures.max(2);
+        // The limiter refuses the `failures`-th failure within the window (a burst of one
+        // less), which locks the account: that many failures, then no more attempts.
+        let burst = NonZeroU32::new(failures - 1).unwrap_or(NonZeroU32::MIN);
+        let period = Duration::from_secs(3600) / failures;
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_hour(burst))
+            .allow_burst(burst);
         Self {
-            failures: RateLimiter::keyed(Quota::per_hour(burst)),
+            failures: RateLimiter::keyed(quota),
             locked: Mutex::new(HashMap::new()),
         }
     }
