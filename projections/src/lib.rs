@@ -20,6 +20,7 @@ pub mod page;
 pub mod products;
 pub mod progress;
 pub mod read_model;
+pub mod rebuild;
 pub mod sales;
 pub mod users;
 pub mod worker;
@@ -38,6 +39,18 @@ pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
         Arc::new(sales::Sales::live()),
         Arc::new(audit_trail::AuditTrail::live()),
     ]
+}
+
+/// A read model by name, writing to its tables with `suffix` (for rebuilds).
+pub fn read_model_with_suffix(name: &str, suffix: &str) -> Option<Arc<dyn ReadModel>> {
+    Some(match name {
+        "users" => Arc::new(users::Users::with_suffix(suffix)),
+        "products" => Arc::new(products::Products::with_suffix(suffix)),
+        "orders" => Arc::new(orders::Orders::with_suffix(suffix)),
+        "sales" => Arc::new(sales::Sales::with_suffix(suffix)),
+        "audit_trail" => Arc::new(audit_trail::AuditTrail::with_suffix(suffix)),
+        _ => return None,
+    })
 }
 
 /// Every process manager, executing its commands through `commands`: what the process

@@ -15,3 +15,4 @@ mod order_process;
 mod orders;
 mod protections;
 mod read_models;
+mod rebuild;
