@@ -6,6 +6,7 @@
 //!
 //! [`aggregate`] adapts the domain aggregates to cqrs-es, [`db`] connects and migrates,
 //! and [`CommandBus`] bundles one [`store::AggregateStore`] per aggregate type.
+//! [`history`] reads the stored history back for auditors and exports.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use sqlx::PgPool;
 pub mod aggregate;
 pub mod db;
 pub mod event;
+pub mod history;
 pub mod metadata;
 pub mod relay;
 pub mod store;

@@ -4,6 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod api;
+mod audit;
 mod authorization;
 mod chaos;
 mod dependencies;

@@ -9,6 +9,8 @@ use axum::Router;
 
 use crate::state::AppState;
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod health;
 pub mod orders;
@@ -61,7 +63,9 @@ fn api() -> Routes {
     let routes = auth::routes(routes);
     let routes = users::routes(routes);
     let routes = products::routes(routes);
-    orders::routes(routes)
+    let routes = orders::routes(routes);
+    let routes = audit::routes(routes);
+    admin::routes(routes)
 }
 
 /// The router of every route, and the table of what it serves.
