@@ -10,7 +10,7 @@ use hindsight_domain::values::{Email, PersonName};
 use secrecy::SecretString;
 use serde_json::json;
 
-use crate::config::{DatabaseArgs, UserCreateArgs};
+use crate::config::{DatabaseArgs, ExportArgs, UserCreateArgs};
 use crate::password::Passwords;
 
 fn pool(args: &DatabaseArgs) -> sqlx::PgPool {
@@ -108,5 +108,149 @@ pub async fn create_user(args: UserCreateArgs) -> anyhow::Result<()> {
         "position": executed.position,
     });
     println!("{user}");
+    Ok(())
+}
+
+/// `hindsight projections list`: a table on standard output.
+pub async fn list_projections(args: DatabaseArgs) -> anyhow::Result<()> {
+    let pool = pool(&args);
+    let standing =
+        hindsight_projections::status::standing(&pool, &hindsight_projections::status::names())
+            .await
+            .context("reading projection checkpoints (check DATABASE_URL)")?;
+    println!(
+        "{:<16} {:<12} {:>12} {:>12} {:>10}  ERROR",
+        "NAME", "STATUS", "POSITION", "HEAD", "LAG"
+    );
+    for projection in standing {
+        println!(
+            "{:<16} {:<12} {:>12} {:>12} {:>10}  {}",
+            projection.name,
+            projection.status,
+            projection.position,
+            projection.head,
+            projection.lag,
+            projection.last_error.unwrap_or_default()
+        );
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// `hindsight projections status NAME`: JSON on standard output.
+pub async fn projection_status(args: DatabaseArgs, name: String) -> anyhow::Result<()> {
+    let name = hindsight_projections::status::names()
+        .into_iter()
+        .find(|known| *known == name)
+        .ok_or_else(|| {
+            anyhow::anyhow!("no projection is named `{name}`; see `hindsight projections list`")
+        })?;
+    let pool = pool(&args);
+    let standing = hindsight_projections::status::standing(&pool, &[name])
+        .await
+        .context("reading projection checkpoints (check DATABASE_URL)")?;
+    println!("{}", serde_json::to_string_pretty(&standing.first())?);
+    pool.close().await;
+    Ok(())
+}
+
+/// `hindsight projections rebuild NAME | --all`: a progress bar on a terminal, plain
+/// lines otherwise.
+pub async fn rebuild_projections(
+    args: DatabaseArgs,
+    name: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let names: Vec<String> = if all {
+        hindsight_projections::rebuild::rebuildable()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    } else {
+        name.into_iter().collect()
+    };
+    let pool = pool(&args);
+    db::migrate(&pool)
+        .await
+        .context("applying database migrations (check DATABASE_URL)")?;
+    let terminal = std::io::stderr().is_terminal();
+    for name in names {
+        let bar = terminal.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>12} [{bar:40}] {pos}/{len} events, {per_sec}, {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(name.clone());
+            bar
+        });
+        let report = hindsight_projections::rebuild::rebuild(&pool, &name, |progress| match &bar {
+            Some(bar) => {
+                bar.set_length(progress.target.max(0) as u64);
+                bar.set_position(progress.position.max(0) as u64);
+            }
+            None => eprintln!(
+                "{name}: {} events replayed, at position {} of {}, {:.0} events/s",
+                progress.events_done,
+                progress.position,
+                progress.target,
+                progress.events_per_second
+            ),
+        })
+        .await
+        .with_context(|| format!("rebuilding {name}"))?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "{name}: rebuilt from {} events in {:.1} s, now live",
+            report.events, report.seconds
+        );
+        for difference in &report.differences {
+            eprintln!(
+                "{name}: {} differed from the rebuild: {} rows only in the old model, {} only in the rebuilt one",
+                difference.table, difference.only_live, difference.only_rebuilt
+            );
+        }
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// `hindsight events export`: NDJSON, streamed, secrets redacted.
+pub async fn export_events(args: ExportArgs) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use std::io::Write as _;
+    let pool = pool(&args.database);
+    let filter = hindsight_commands::history::HistoryFilter {
+        after: args.after,
+        aggregate_type: args.aggregate_type,
+        aggregate_id: args.aggregate_id,
+        actor_id: args.actor_id,
+        correlation_id: args.correlation_id,
+        from: args.from,
+        to: args.to,
+    };
+    let mut out: Box<dyn std::io::Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut events = hindsight_commands::history::stream_events(&pool, &filter);
+    let mut count = 0u64;
+    while let Some(event) = events.next().await {
+        let event = hindsight_commands::history::redacted(event.context("reading events")?);
+        serde_json::to_writer(&mut out, &event)?;
+        out.write_all(b"\n")?;
+        count += 1;
+    }
+    out.flush()?;
+    tracing::info!(events = count, "export finished");
+    pool.close().await;
     Ok(())
 }

@@ -30,6 +30,72 @@ pub enum Command {
     /// Manage users from the command line.
     #[command(subcommand)]
     User(UserCommand),
+    /// Inspect and rebuild projections.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// Read the event history.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Every projection with its status, position, head and lag.
+    List(DatabaseArgs),
+    /// One projection, with the progress of its latest rebuild.
+    Status {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The projection's name (see `projections list`).
+        name: String,
+    },
+    /// Rebuild a read model (or all) without downtime: replay into new tables while the
+    /// old ones keep serving, then swap. Safe to start again after an interruption.
+    Rebuild {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The projection to rebuild.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Rebuild every read model, one after another.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Export events as NDJSON (one event per line, secrets redacted), with the audit
+    /// feed's filters, to a file or standard output.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Only events after this global position.
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// `user`, `product` or `order`.
+    #[arg(long, value_parser = ["user", "product", "order"])]
+    pub aggregate_type: Option<String>,
+    #[arg(long)]
+    pub aggregate_id: Option<uuid::Uuid>,
+    /// The acting user.
+    #[arg(long)]
+    pub actor_id: Option<uuid::Uuid>,
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Recorded at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Recorded at or before this time (RFC 3339).
+    #[arg(long)]
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Write to this file instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

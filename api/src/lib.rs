@@ -34,7 +34,7 @@ pub mod serve;
 pub mod state;
 pub mod telemetry;
 
-use config::{Cli, Command, UserCommand};
+use config::{Cli, Command, EventsCommand, ProjectionsCommand, UserCommand};
 use error::ApiError;
 use state::AppState;
 
@@ -106,5 +106,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::serve(*args).await,
         Command::Migrate(args) => cli::migrate(args).await,
         Command::User(UserCommand::Create(args)) => cli::create_user(args).await,
+        Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await,
+        Command::Projections(ProjectionsCommand::Status { database, name }) => {
+            cli::projection_status(database, name).await
+        }
+        Command::Projections(ProjectionsCommand::Rebuild {
+            database,
+            name,
+            all,
+        }) => cli::rebuild_projections(database, name, all).await,
+        Command::Events(EventsCommand::Export(args)) => cli::export_events(args).await,
     }
 }

@@ -243,3 +243,111 @@ fn user_create_refuses_bad_input_and_stores_nothing() {
     assert!(!no_password.status.success());
     assert!(String::from_utf8_lossy(&no_password.stderr).contains("standard input"));
 }
+
+#[test]
+fn projections_are_listed_and_rebuilt_from_the_command_line() {
+    let db = Database::create();
+    let created = hindsight(
+        &[
+            "user",
+            "create",
+            "--email",
+            "ops@example.com",
+            "--name",
+            "Ops",
+            "--role",
+            "operator",
+        ],
+        &db.url,
+        Some("a long enough password\n"),
+    );
+    assert!(created.status.success());
+
+    let list = hindsight(&["projections", "list"], &db.url, None);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let table = String::from_utf8_lossy(&list.stdout);
+    for name in [
+        "users",
+        "products",
+        "orders",
+        "sales",
+        "audit_trail",
+        "order_process",
+    ] {
+        assert!(table.contains(name), "{name} missing from:\n{table}");
+    }
+
+    let rebuilt = hindsight(&["projections", "rebuild", "--all"], &db.url, None);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("users: rebuilt from"));
+
+    let status = hindsight(&["projections", "status", "users"], &db.url, None);
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["name"], "users");
+    assert_eq!(status["rebuild"]["status"], "done");
+
+    let unknown = hindsight(&["projections", "rebuild", "nonsense"], &db.url, None);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("nonsense"));
+}
+
+#[test]
+fn events_are_exported_as_redacted_ndjson() {
+    let db = Database::create();
+    for email in ["one@example.com", "two@example.com"] {
+        let created = hindsight(
+            &["user", "create", "--email", email, "--name", "Someone"],
+            &db.url,
+            Some("a long enough password\n"),
+        );
+        assert!(created.status.success());
+    }
+    let file =
+        std::env::temp_dir().join(format!("hindsight-export-{}.ndjson", uuid::Uuid::new_v4()));
+    let exported = hindsight(
+        &[
+            "events",
+            "export",
+            "--aggregate-type",
+            "user",
+            "--output",
+            file.to_str().unwrap(),
+        ],
+        &db.url,
+        None,
+    );
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::remove_file(&file).ok();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert!(events[0]["position"].as_i64() < events[1]["position"].as_i64());
+    assert_eq!(
+        events[0]["payload"]["UserRegistered"]["password_hash"],
+        "[REDACTED]"
+    );
+    assert!(!text.contains("$argon2id$"));
+
+    let to_stdout = hindsight(&["events", "export", "--after", "1"], &db.url, None);
+    assert!(to_stdout.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&to_stdout.stdout).lines().count(),
+        1
+    );
+}

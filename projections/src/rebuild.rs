@@ -103,13 +103,28 @@ async fn live_position(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
     Ok(position.unwrap_or(0))
 }
 
-/// Rebuilds projection `name`, calling `on_progress` after every batch.
-pub async fn rebuild(
-    pool: &PgPool,
-    name: &str,
-    mut on_progress: impl FnMut(Progress) + Send,
-) -> Result<Report, RebuildError> {
+/// A rebuild that holds its projection's rebuild lock and is ready to run.
+pub struct Rebuild {
+    pool: PgPool,
+    name: &'static str,
+    live: Arc<dyn ReadModel>,
+    copy: Arc<dyn ReadModel>,
+    guard: sqlx::PgConnection,
+}
+
+impl std::fmt::Debug for Rebuild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rebuild")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes the rebuild lock of projection `name` (one rebuild per projection at a time)
+/// and records the rebuild as running.
+pub async fn start(pool: &PgPool, name: &str) -> Result<Rebuild, RebuildError> {
     let (live, copy) = pair(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+    let name = live.name();
     let mut guard = pool.acquire().await?.detach();
     let exclusive: bool =
         sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
@@ -129,23 +144,49 @@ pub async fn rebuild(
     .bind(name)
     .execute(pool)
     .await?;
-    let result = run(pool, name, &*live, &*copy, &mut on_progress).await;
-    let (status, error, differences) = match &result {
-        Ok(report) => ("done", None, serde_json::to_value(&report.differences).ok()),
-        Err(error) => ("failed", Some(error.to_string()), None),
-    };
-    sqlx::query(
-        "UPDATE projection_rebuilds SET status = $2, error = $3, differences = $4, \
-                finished_at = now(), updated_at = now() WHERE name = $1",
-    )
-    .bind(name)
-    .bind(status)
-    .bind(error)
-    .bind(differences)
-    .execute(pool)
-    .await?;
-    guard.close().await.ok();
-    result
+    Ok(Rebuild {
+        pool: pool.clone(),
+        name,
+        live,
+        copy,
+        guard,
+    })
+}
+
+impl Rebuild {
+    /// Runs the rebuild, calling `on_progress` after every batch, and records the outcome.
+    pub async fn run(
+        self,
+        mut on_progress: impl FnMut(Progress) + Send,
+    ) -> Result<Report, RebuildError> {
+        let (pool, name) = (&self.pool, self.name);
+        let result = run(pool, name, &*self.live, &*self.copy, &mut on_progress).await;
+        let (status, error, differences) = match &result {
+            Ok(report) => ("done", None, serde_json::to_value(&report.differences).ok()),
+            Err(error) => ("failed", Some(error.to_string()), None),
+        };
+        sqlx::query(
+            "UPDATE projection_rebuilds SET status = $2, error = $3, differences = $4, \
+                    finished_at = now(), updated_at = now() WHERE name = $1",
+        )
+        .bind(name)
+        .bind(status)
+        .bind(error)
+        .bind(differences)
+        .execute(pool)
+        .await?;
+        self.guard.close().await.ok();
+        result
+    }
+}
+
+/// Rebuilds projection `name`, calling `on_progress` after every batch.
+pub async fn rebuild(
+    pool: &PgPool,
+    name: &str,
+    on_progress: impl FnMut(Progress) + Send,
+) -> Result<Report, RebuildError> {
+    start(pool, name).await?.run(on_progress).await
 }
 
 async fn run(
@@ -284,7 +325,10 @@ pub struct RebuildStatus {
 
 pub async fn status(pool: &PgPool, name: &str) -> Result<Option<RebuildStatus>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT status, target, position, events_done, differences, error, started_at, finished_at \
+        // A `running` rebuild that stopped reporting progress died with its process.
+        "SELECT CASE WHEN status = 'running' AND updated_at < now() - interval '60 seconds' \
+                     THEN 'interrupted' ELSE status END AS status, \
+                target, position, events_done, differences, error, started_at, finished_at \
          FROM projection_rebuilds WHERE name = $1",
     )
     .bind(name)

@@ -209,3 +209,42 @@ async fn an_interrupted_rebuild_leaves_the_live_model_alone_and_can_start_again(
         Err(rebuild::RebuildError::Unknown(_))
     ));
 }
+
+#[tokio::test]
+async fn operators_start_a_rebuild_over_http_and_watch_it_finish() {
+    let system = TestSystem::start().await;
+    let products = seed(&system, 2).await;
+    restock(&system, products[0]).await;
+    all_at_head(&system).await;
+    let operator = system.user(hindsight_domain::role::Role::Operator).await;
+    let post = |name: &str| {
+        system
+            .client()
+            .post(system.url(&format!("/api/v1/admin/projections/{name}/rebuild")))
+            .bearer_auth(&operator.access_token)
+            .send()
+    };
+    let accepted = post("products").await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    eventually(30, "rebuild done", || async {
+        let view: serde_json::Value = system
+            .client()
+            .get(system.url("/api/v1/admin/projections/products"))
+            .bearer_auth(&operator.access_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        view["rebuild"]["status"] == "done"
+    })
+    .await;
+    let manager = post("order_process").await.unwrap();
+    assert_eq!(manager.status(), 409);
+    assert_eq!(
+        manager.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "NOT_REBUILDABLE"
+    );
+    assert_eq!(post("nonsense").await.unwrap().status(), 404);
+}

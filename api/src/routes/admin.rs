@@ -2,97 +2,38 @@
 //! stands against the head of the event store, for operators.
 //!
 //! A projection that never ran has no checkpoint row yet; it is shown as `catching_up`
-//! at position 0, which is what it will do when it starts.
+//! at position 0, which is what it will do when it starts. A rebuild started here runs in
+//! this process while the old read model keeps serving; its progress shows in `rebuild`.
 
 use axum::extract::{Path, State};
 use axum::http::Method;
+use axum::http::StatusCode;
 use axum::Json;
-use hindsight_commands::relay;
-use hindsight_projections::worker;
-use serde::Serialize;
+use hindsight_projections::rebuild;
+use hindsight_projections::status::{self, standing, ProjectionStatus};
+use serde_json::json;
 
 use crate::error::ApiError;
 use crate::routes::Routes;
 use crate::state::AppState;
 
 pub fn routes(routes: Routes) -> Routes {
-    routes.add(Method::GET, "/admin/projections", list).add(
-        Method::GET,
-        "/admin/projections/{name}",
-        one,
-    )
-}
-
-/// One projection's standing.
-#[derive(Debug, Serialize)]
-struct ProjectionStatus {
-    name: &'static str,
-    /// `live`, `catching_up`, `rebuilding` or `failed`.
-    status: String,
-    /// The last position it has applied.
-    position: i64,
-    /// The highest position in the event store.
-    head: i64,
-    /// How many positions it is behind the head.
-    lag: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    last_error: Option<String>,
-}
-
-/// The name of every projection the process runs, read models first.
-fn projection_names(state: &AppState) -> Vec<&'static str> {
-    let read_models = hindsight_projections::live_read_models();
-    let managers = hindsight_projections::process_managers(state.commands.clone());
-    read_models
-        .iter()
-        .chain(managers.iter())
-        .map(|projection| projection.name())
-        .collect()
-}
-
-/// The standing of `names`. The checkpoints are read before the head, so a position is
-/// never ahead of the head it is shown with.
-async fn standing(
-    state: &AppState,
-    names: &[&'static str],
-) -> Result<Vec<ProjectionStatus>, ApiError> {
-    let mut checkpoints = Vec::with_capacity(names.len());
-    for name in names {
-        let checkpoint = worker::checkpoint(&state.pool, name)
-            .await
-            .map_err(ApiError::from_sqlx)?;
-        checkpoints.push((*name, checkpoint));
-    }
-    let head = relay::head(&state.pool)
-        .await
-        .map_err(ApiError::from_sqlx)?;
-    Ok(checkpoints
-        .into_iter()
-        .map(|(name, checkpoint)| {
-            let (status, position, last_error) = match checkpoint {
-                Some(checkpoint) => (
-                    checkpoint.status,
-                    checkpoint.position,
-                    checkpoint.last_error,
-                ),
-                None => ("catching_up".to_owned(), 0, None),
-            };
-            ProjectionStatus {
-                name,
-                status,
-                position,
-                head,
-                lag: head.saturating_sub(position).max(0),
-                last_error,
-            }
-        })
-        .collect())
+    routes
+        .add(Method::GET, "/admin/projections", list)
+        .add(Method::GET, "/admin/projections/{name}", one)
+        .add(
+            Method::POST,
+            "/admin/projections/{name}/rebuild",
+            start_rebuild,
+        )
 }
 
 /// `GET /admin/projections`: every projection.
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
-    let names = projection_names(&state);
-    standing(&state, &names).await.map(Json)
+    standing(&state.pool, &status::names())
+        .await
+        .map(Json)
+        .map_err(ApiError::from_sqlx)
 }
 
 /// `GET /admin/projections/{name}`: one projection; 404 for a name no projection has.
@@ -100,13 +41,62 @@ async fn one(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    let name = projection_names(&state)
+    let name = status::names()
         .into_iter()
         .find(|known| *known == name)
         .ok_or(ApiError::NotFound)?;
-    standing(&state, &[name])
-        .await?
+    standing(&state.pool, &[name])
+        .await
+        .map_err(ApiError::from_sqlx)?
         .pop()
         .map(Json)
         .ok_or_else(|| ApiError::internal("a known projection has no standing"))
+}
+
+/// `POST /admin/projections/{name}/rebuild`: 202; the rebuild runs in the background
+/// while the old read model keeps serving, then takes over.
+async fn start_rebuild(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    _body: crate::extract::NoFields,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let name = rebuild::rebuildable()
+        .into_iter()
+        .find(|known| *known == name)
+        .ok_or_else(|| {
+            if status::names().contains(&name.as_str()) {
+                ApiError::Conflict {
+                    code: "NOT_REBUILDABLE",
+                    message: format!("{name} keeps no read model to rebuild"),
+                }
+            } else {
+                ApiError::NotFound
+            }
+        })?;
+    let started = rebuild::start(&state.pool, name)
+        .await
+        .map_err(|error| match error {
+            rebuild::RebuildError::AlreadyRunning(_) => ApiError::Conflict {
+                code: "REBUILD_RUNNING",
+                message: format!("a rebuild of {name} is already running"),
+            },
+            rebuild::RebuildError::Database(error) => ApiError::from_sqlx(error),
+            other => ApiError::internal(other),
+        })?;
+    tokio::spawn(async move {
+        match started.run(|_| {}).await {
+            Ok(report) => tracing::info!(
+                projection = name,
+                events = report.events,
+                seconds = report.seconds,
+                differences = report.differences.len(),
+                "rebuild finished"
+            ),
+            Err(error) => tracing::error!(projection = name, %error, "rebuild failed"),
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "name": name, "status": "rebuilding" })),
+    ))
 }
