@@ -254,3 +254,51 @@ pub async fn export_events(args: ExportArgs) -> anyhow::Result<()> {
     pool.close().await;
     Ok(())
 }
+
+/// Fails naming every (aggregate type, event type, version) whose events do not
+/// deserialise.
+pub fn refuse_undecodable(checked: &[hindsight_commands::upcast::Checked]) -> anyhow::Result<()> {
+    let broken: Vec<String> = checked
+        .iter()
+        .filter_map(|kind| {
+            kind.first_failure.as_ref().map(|(position, reason)| {
+                format!(
+                    "{} {} version {} (first at position {position}): {reason}",
+                    kind.aggregate_type, kind.event_type, kind.event_version
+                )
+            })
+        })
+        .collect();
+    if broken.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "stored events no longer deserialise through this build; add an upcaster or fix the code:\n  {}",
+            broken.join("\n  ")
+        )
+    }
+}
+
+/// `hindsight events check`: every stored event, one line per kind on standard output.
+pub async fn check_events(args: DatabaseArgs) -> anyhow::Result<()> {
+    let pool = pool(&args);
+    let checked = hindsight_commands::upcast::check_stored_events(&pool, false)
+        .await
+        .context("reading the event store (check DATABASE_URL)")?;
+    for kind in &checked {
+        println!(
+            "{:<8} {:<24} v{:<3} {:>10} events  {}",
+            kind.aggregate_type,
+            kind.event_type,
+            kind.event_version,
+            kind.events,
+            if kind.first_failure.is_some() {
+                "FAILS"
+            } else {
+                "ok"
+            }
+        );
+    }
+    pool.close().await;
+    refuse_undecodable(&checked)
+}

@@ -68,6 +68,9 @@ pub enum EventsCommand {
     /// Export events as NDJSON (one event per line, secrets redacted), with the audit
     /// feed's filters, to a file or standard output.
     Export(ExportArgs),
+    /// Prove that every stored event still deserialises through the current code and its
+    /// upcasters; exits non-zero naming the first (event type, version) that does not.
+    Check(DatabaseArgs),
 }
 
 #[derive(Debug, Args)]

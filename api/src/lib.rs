@@ -116,5 +116,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
         }) => cli::rebuild_projections(database, name, all).await,
         Command::Events(EventsCommand::Export(args)) => cli::export_events(args).await,
+        Command::Events(EventsCommand::Check(args)) => cli::check_events(args).await,
     }
 }

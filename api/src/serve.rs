@@ -48,6 +48,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for migration in &report.applied {
         tracing::info!(%migration, "migration applied");
     }
+    // Refuse to start on a store this build cannot read (one event of each kind).
+    let checked = hindsight_commands::upcast::check_stored_events(&pool, true)
+        .await
+        .context("checking stored events (check DATABASE_URL)")?;
+    crate::cli::refuse_undecodable(&checked)?;
     let nats = connect_nats(&args.nats_url).await?;
     let commands = CommandBus::new(
         pool.clone(),

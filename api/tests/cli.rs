@@ -351,3 +351,64 @@ fn events_are_exported_as_redacted_ndjson() {
         1
     );
 }
+
+fn sql(url: &str, statement: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut connection = PgConnection::connect(url).await.unwrap();
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn events_check_and_serve_refuse_a_store_this_build_cannot_read() {
+    let db = Database::create();
+    let created = hindsight(
+        &[
+            "user",
+            "create",
+            "--email",
+            "fine@example.com",
+            "--name",
+            "Fine",
+        ],
+        &db.url,
+        Some("a long enough password\n"),
+    );
+    assert!(created.status.success());
+    let check = hindsight(&["events", "check"], &db.url, None);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("UserRegistered"));
+
+    sql(
+        &db.url,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('order', 'x', 1, 'OrderShipped', '9', '{\"OrderShipped\": [1]}', '{}')",
+    );
+    let check = hindsight(&["events", "check"], &db.url, None);
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("OrderShipped version 9"));
+
+    let serve = Command::new(BIN)
+        .args(["serve"])
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "HINDSIGHT_JWT_SECRET",
+            "0123456789abcdef0123456789abcdef0123",
+        )
+        .env("HINDSIGHT_LISTEN_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("OrderShipped version 9"));
+}

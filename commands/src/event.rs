@@ -42,6 +42,12 @@ pub enum EventDecodeError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("event at position {position} cannot be upgraded: {source}")]
+    Upcast {
+        position: i64,
+        #[source]
+        source: crate::upcast::UpcastError,
+    },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -56,16 +62,24 @@ impl StoredEvent {
         let metadata: serde_json::Value = row.try_get("metadata")?;
         let metadata = EventMetadata::from_json(&metadata)
             .map_err(|source| EventDecodeError::Metadata { position, source })?;
+        // Everything read through here sees current event versions.
+        let aggregate_type: String = row.try_get("aggregate_type")?;
+        let event_type: String = row.try_get("event_type")?;
+        let stored_version: String = row.try_get("event_version")?;
+        let mut payload: serde_json::Value = row.try_get("payload")?;
+        let event_version =
+            crate::upcast::upcast(&aggregate_type, &event_type, &stored_version, &mut payload)
+                .map_err(|source| EventDecodeError::Upcast { position, source })?;
         Ok(Self {
             event_id: row.try_get("event_id")?,
             position,
             recorded_at: row.try_get("recorded_at")?,
-            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_type,
             aggregate_id: row.try_get("aggregate_id")?,
             sequence: row.try_get("sequence")?,
-            event_type: row.try_get("event_type")?,
-            event_version: row.try_get("event_version")?,
-            payload: row.try_get("payload")?,
+            event_type,
+            event_version,
+            payload,
             metadata,
         })
     }

@@ -20,6 +20,7 @@ pub mod history;
 pub mod metadata;
 pub mod relay;
 pub mod store;
+pub mod upcast;
 
 pub use event::StoredEvent;
 pub use metadata::{Actor, ActorRole, EventMetadata};

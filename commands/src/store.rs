@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{Event, EventSourced};
 use crate::metadata::EventMetadata;
+use crate::upcast::Upcaster;
 
 /// Tuning of the write path.
 #[derive(Debug, Clone, Copy)]
@@ -196,7 +197,8 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
         let repository = PostgresEventRepository::new(pool.clone());
         let store =
-            PersistedEventStore::new_snapshot_store(repository, settings.snapshot_every.max(1));
+            PersistedEventStore::new_snapshot_store(repository, settings.snapshot_every.max(1))
+                .with_upcasters(vec![Box::new(Upcaster::for_aggregate(A::TYPE))]);
         Self {
             store,
             pool,

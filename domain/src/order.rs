@@ -166,7 +166,12 @@ impl DomainEvent for OrderEvent {
     }
 
     fn event_version(&self) -> &'static str {
-        "1"
+        match self {
+            // Version 2 records the order's total; version 1 carried the lines only (the
+            // write side's upcaster derives the total for stored version 1 events).
+            OrderEvent::OrderPlaced { .. } => "2",
+            _ => "1",
+        }
     }
 }
 

@@ -17,3 +17,4 @@ mod orders;
 mod protections;
 mod read_models;
 mod rebuild;
+mod schema_evolution;
