@@ -96,9 +96,7 @@ const UPGRADES: &[(&str, &str, &str)] = &[("order", "OrderPlaced", "1")];
 
 impl EventUpcaster for Upcaster {
     fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
-        UPGRADES
-            .iter()
-            .any(|upgrade| *upgrade == (self.aggregate_type, event_type, event_version))
+        UPGRADES.contains(&(self.aggregate_type, event_type, event_version))
     }
 
     fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {
