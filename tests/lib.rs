@@ -127,6 +127,9 @@ impl Drop for TestDb {
     }
 }
 
+/// The integrity-checkpoint key of test apps.
+pub const TEST_AUDIT_KEY: &str = "test-audit-key-test-audit-key-0123456789abcdef";
+
 /// The signing secret of test apps (tests forge tokens with it to attack the API).
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 
@@ -179,6 +182,10 @@ impl TestApp {
             // Off by default: tests send many requests from one address. The rate-limit
             // test switches them on with `spawn_with`.
             rate_limits: None,
+            integrity_key: Arc::new(
+                hindsight_commands::integrity::IntegrityKey::new(TEST_AUDIT_KEY.as_bytes())
+                    .expect("a valid test key"),
+            ),
         };
         configure(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

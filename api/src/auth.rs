@@ -45,8 +45,27 @@ pub struct Claims {
     pub ver: i64,
 }
 
+/// How access tokens are signed: HS256 with a shared secret (the default), or EdDSA /
+/// RS256 with a key pair, so that other services can verify tokens without being able to
+/// mint them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SigningAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+    #[value(name = "RS256")]
+    Rs256,
+}
+
+/// Why signing keys could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
 /// Signs and verifies tokens; built once from the configuration.
 pub struct Tokens {
+    algorithm: Algorithm,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -59,6 +78,7 @@ pub struct Tokens {
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokens")
+            .field("algorithm", &self.algorithm)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("access_ttl", &self.access_ttl)
@@ -76,6 +96,7 @@ pub struct TokenPair {
 }
 
 impl Tokens {
+    /// HS256 with a shared secret.
     pub fn new(
         secret: &[u8],
         issuer: &str,
@@ -83,15 +104,97 @@ impl Tokens {
         access_ttl: Duration,
         refresh_ttl: Duration,
     ) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
+        Self::with_keys(
+            Algorithm::HS256,
+            EncodingKey::from_secret(secret),
+            DecodingKey::from_secret(secret),
+            issuer,
+            audience,
+            access_ttl,
+            refresh_ttl,
+        )
+    }
+
+    /// EdDSA or RS256 from PEM key files (PKCS#8 private key, SPKI public key).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_pem(
+        algorithm: SigningAlgorithm,
+        private_pem: &[u8],
+        public_pem: &[u8],
+        issuer: &str,
+        audience: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Result<Self, KeyError> {
+        let bad = |what: &str, error: jsonwebtoken::errors::Error| {
+            KeyError(format!(
+                "{what} is not a usable {algorithm:?} PEM key: {error}"
+            ))
+        };
+        let (algorithm, encoding, decoding) = match algorithm {
+            SigningAlgorithm::EdDsa => (
+                Algorithm::EdDSA,
+                EncodingKey::from_ed_pem(private_pem)
+                    .map_err(|error| bad("HINDSIGHT_JWT_PRIVATE_KEY_FILE", error))?,
+                DecodingKey::from_ed_pem(public_pem)
+                    .map_err(|error| bad("HINDSIGHT_JWT_PUBLIC_KEY_FILE", error))?,
+            ),
+            SigningAlgorithm::Rs256 => (
+                Algorithm::RS256,
+                EncodingKey::from_rsa_pem(private_pem)
+                    .map_err(|error| bad("HINDSIGHT_JWT_PRIVATE_KEY_FILE", error))?,
+                DecodingKey::from_rsa_pem(public_pem)
+                    .map_err(|error| bad("HINDSIGHT_JWT_PUBLIC_KEY_FILE", error))?,
+            ),
+            SigningAlgorithm::Hs256 => {
+                return Err(KeyError(
+                    "HS256 takes HINDSIGHT_JWT_SECRET, not key files".to_owned(),
+                ))
+            }
+        };
+        let tokens = Self::with_keys(
+            algorithm,
+            encoding,
+            decoding,
+            issuer,
+            audience,
+            access_ttl,
+            refresh_ttl,
+        );
+        // A mismatched pair would mint tokens nobody accepts: prove it at start-up.
+        let probe = tokens
+            .issue_access(Uuid::nil(), Role::Customer, 0)
+            .map_err(|_| KeyError("HINDSIGHT_JWT_PRIVATE_KEY_FILE cannot sign".to_owned()))?;
+        if tokens.verify_access(&probe).is_none() {
+            return Err(KeyError(
+                "HINDSIGHT_JWT_PUBLIC_KEY_FILE does not verify what HINDSIGHT_JWT_PRIVATE_KEY_FILE signs"
+                    .to_owned(),
+            ));
+        }
+        Ok(tokens)
+    }
+
+    fn with_keys(
+        algorithm: Algorithm,
+        encoding: EncodingKey,
+        decoding: DecodingKey,
+        issuer: &str,
+        audience: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Self {
+        // Pinned: a token signed with any other algorithm (none, HS512, or HS256 with the
+        // public key as secret) is refused.
+        let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["iss", "aud", "sub", "iat", "nbf", "exp"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
         Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
+            algorithm,
+            encoding,
+            decoding,
             validation,
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
@@ -120,7 +223,7 @@ impl Tokens {
             typ: ACCESS.to_owned(),
             ver: token_version,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.encoding)
             .map_err(ApiError::internal)
     }
 
@@ -261,5 +364,71 @@ impl FromRequestParts<AppState> for AuthUser {
         let user = Self::authenticate(parts, state).await?;
         parts.extensions.insert(user);
         Ok(user)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    // A throwaway Ed25519 key pair for these tests only, and another pair's public key.
+    const PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOcRVJTUQvC19g7/Bw4DEGOI72tFxoK3uLNJFduk+9AD\n-----END PRIVATE KEY-----\n";
+    const PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAJe+OVIozMib/NiafqBKBzSic0NUIbvaDiO3GHQttHsc=\n-----END PUBLIC KEY-----\n";
+    const OTHER_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAA0A5kT6C76hEaiMJ4PADratyviRf9HSghpi+lIdT4Tk=\n-----END PUBLIC KEY-----\n";
+    const TTL: Duration = Duration::from_secs(900);
+
+    fn eddsa(public: &str) -> Result<Tokens, KeyError> {
+        Tokens::from_pem(
+            SigningAlgorithm::EdDsa,
+            PRIVATE.as_bytes(),
+            public.as_bytes(),
+            "hindsight",
+            "hindsight-api",
+            TTL,
+            TTL,
+        )
+    }
+
+    #[test]
+    fn eddsa_tokens_round_trip_and_other_algorithms_are_refused() {
+        let tokens = eddsa(PUBLIC).unwrap();
+        let user = Uuid::new_v4();
+        let token = tokens.issue_access(user, Role::Admin, 3).unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.alg, Algorithm::EdDSA);
+        let claims = tokens.verify_access(&token).unwrap();
+        assert_eq!(
+            (claims.sub, claims.role, claims.ver),
+            (user, Role::Admin, 3)
+        );
+
+        // Algorithm confusion: HS256 signed with the public key as the secret.
+        let hs256 = Tokens::new(PUBLIC.as_bytes(), "hindsight", "hindsight-api", TTL, TTL);
+        let forged = hs256.issue_access(user, Role::Admin, 3).unwrap();
+        assert!(tokens.verify_access(&forged).is_none());
+        // And an HS256 deployment refuses EdDSA tokens.
+        assert!(hs256.verify_access(&token).is_none());
+    }
+
+    #[test]
+    fn a_mismatched_key_pair_is_refused_at_start_up() {
+        let error = eddsa(OTHER_PUBLIC).unwrap_err().to_string();
+        assert!(error.contains("HINDSIGHT_JWT_PUBLIC_KEY_FILE"), "{error}");
+        let garbage = Tokens::from_pem(
+            SigningAlgorithm::EdDsa,
+            b"not a key",
+            PUBLIC.as_bytes(),
+            "i",
+            "a",
+            TTL,
+            TTL,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            garbage.contains("HINDSIGHT_JWT_PRIVATE_KEY_FILE"),
+            "{garbage}"
+        );
     }
 }

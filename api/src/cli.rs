@@ -10,7 +10,7 @@ use hindsight_domain::values::{Email, PersonName};
 use secrecy::SecretString;
 use serde_json::json;
 
-use crate::config::{DatabaseArgs, ExportArgs, UserCreateArgs};
+use crate::config::{AuditArgs, DatabaseArgs, ExportArgs, UserCreateArgs};
 use crate::password::Passwords;
 
 fn pool(args: &DatabaseArgs) -> sqlx::PgPool {
@@ -301,4 +301,23 @@ pub async fn check_events(args: DatabaseArgs) -> anyhow::Result<()> {
     }
     pool.close().await;
     refuse_undecodable(&checked)
+}
+
+/// `hindsight audit verify`: the integrity report as JSON; non-zero when broken.
+pub async fn verify_history(args: AuditArgs) -> anyhow::Result<()> {
+    let pool = pool(&args.database);
+    let report = hindsight_commands::integrity::verify(&pool, &args.audit_key.key())
+        .await
+        .context("reading the event store (check DATABASE_URL)")?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    pool.close().await;
+    match &report.first_broken {
+        None if report.ok => Ok(()),
+        Some(broken) => bail!(
+            "the history is broken at position {}: {}",
+            broken.position,
+            broken.reason
+        ),
+        None => bail!("the history failed verification"),
+    }
 }

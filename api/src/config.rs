@@ -36,6 +36,25 @@ pub enum Command {
     /// Read the event history.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Check the tamper evidence of the event history.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute every stream's hash chain and every signed checkpoint; print the report
+    /// as JSON and exit non-zero naming the first broken link.
+    Verify(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The key the checkpoints were signed with.
+    #[arg(long, env = "HINDSIGHT_AUDIT_KEY", value_name = "HINDSIGHT_AUDIT_KEY", value_parser = parse_audit_key, hide_env_values = true)]
+    pub audit_key: AuditKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,9 +211,37 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:8080"
     )]
     pub listen_addr: SocketAddr,
-    /// HS256 signing secret for access tokens: at least 32 bytes.
+    /// Access-token signing: `HS256` (shared secret), `EdDSA` or `RS256` (key files).
+    #[arg(
+        long,
+        env = "HINDSIGHT_JWT_ALGORITHM",
+        value_name = "HINDSIGHT_JWT_ALGORITHM",
+        default_value = "HS256"
+    )]
+    pub jwt_algorithm: crate::auth::SigningAlgorithm,
+    /// HS256 signing secret for access tokens: at least 32 bytes (required with HS256).
     #[arg(long, env = "HINDSIGHT_JWT_SECRET", value_name = "HINDSIGHT_JWT_SECRET", value_parser = parse_jwt_secret, hide_env_values = true)]
-    pub jwt_secret: JwtSecret,
+    pub jwt_secret: Option<JwtSecret>,
+    /// PEM private key (PKCS#8) for EdDSA or RS256.
+    #[arg(
+        long,
+        env = "HINDSIGHT_JWT_PRIVATE_KEY_FILE",
+        value_name = "HINDSIGHT_JWT_PRIVATE_KEY_FILE"
+    )]
+    pub jwt_private_key_file: Option<std::path::PathBuf>,
+    /// PEM public key (SPKI) for EdDSA or RS256.
+    #[arg(
+        long,
+        env = "HINDSIGHT_JWT_PUBLIC_KEY_FILE",
+        value_name = "HINDSIGHT_JWT_PUBLIC_KEY_FILE"
+    )]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    /// Key (at least 32 bytes) that signs the integrity checkpoints of the event history.
+    #[arg(long, env = "HINDSIGHT_AUDIT_KEY", value_name = "HINDSIGHT_AUDIT_KEY", value_parser = parse_audit_key, hide_env_values = true)]
+    pub audit_key: AuditKey,
+    /// How often a signed integrity checkpoint is recorded over newly published events.
+    #[arg(long, env = "HINDSIGHT_AUDIT_CHECKPOINT_INTERVAL", value_name = "HINDSIGHT_AUDIT_CHECKPOINT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub audit_checkpoint_interval: Duration,
     /// `iss` claim written into and required of access tokens.
     #[arg(
         long,
@@ -268,6 +315,52 @@ pub struct ServeArgs {
     pub run_projections: bool,
 }
 
+impl ServeArgs {
+    /// The token signer this configuration asks for; every error names its variable.
+    pub fn tokens(&self) -> anyhow::Result<crate::auth::Tokens> {
+        use crate::auth::{SigningAlgorithm, Tokens};
+        match self.jwt_algorithm {
+            SigningAlgorithm::Hs256 => {
+                let secret = self.jwt_secret.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("HINDSIGHT_JWT_SECRET is required when HINDSIGHT_JWT_ALGORITHM is HS256 (generate one with `openssl rand -base64 48`)")
+                })?;
+                Ok(Tokens::new(
+                    secret.expose(),
+                    &self.jwt_issuer,
+                    &self.jwt_audience,
+                    self.access_token_ttl,
+                    self.refresh_token_ttl,
+                ))
+            }
+            algorithm => {
+                let read = |path: &Option<std::path::PathBuf>,
+                            variable: &str|
+                 -> anyhow::Result<Vec<u8>> {
+                    let path = path.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{variable} is required when HINDSIGHT_JWT_ALGORITHM is {algorithm:?}"
+                        )
+                    })?;
+                    std::fs::read(path).map_err(|error| {
+                        anyhow::anyhow!("{variable} ({}) cannot be read: {error}", path.display())
+                    })
+                };
+                let private = read(&self.jwt_private_key_file, "HINDSIGHT_JWT_PRIVATE_KEY_FILE")?;
+                let public = read(&self.jwt_public_key_file, "HINDSIGHT_JWT_PUBLIC_KEY_FILE")?;
+                Ok(Tokens::from_pem(
+                    algorithm,
+                    &private,
+                    &public,
+                    &self.jwt_issuer,
+                    &self.jwt_audience,
+                    self.access_token_ttl,
+                    self.refresh_token_ttl,
+                )?)
+            }
+        }
+    }
+}
+
 /// A Postgres URL; it may hold a password, so it never prints.
 #[derive(Clone)]
 pub struct DatabaseUrl {
@@ -289,6 +382,28 @@ impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DatabaseUrl([REDACTED])")
     }
+}
+
+/// The integrity-checkpoint key; never prints.
+#[derive(Clone)]
+pub struct AuditKey(std::sync::Arc<hindsight_commands::integrity::IntegrityKey>);
+
+impl AuditKey {
+    pub fn key(&self) -> std::sync::Arc<hindsight_commands::integrity::IntegrityKey> {
+        self.0.clone()
+    }
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey([REDACTED])")
+    }
+}
+
+fn parse_audit_key(value: &str) -> Result<AuditKey, String> {
+    hindsight_commands::integrity::IntegrityKey::new(value.as_bytes())
+        .map(|key| AuditKey(std::sync::Arc::new(key)))
+        .map_err(|error| format!("HINDSIGHT_AUDIT_KEY: {error}"))
 }
 
 /// The access-token signing secret.
@@ -382,7 +497,12 @@ mod tests {
     use super::*;
 
     fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
-        let mut argv = vec!["hindsight", "serve"];
+        let mut argv = vec![
+            "hindsight",
+            "serve",
+            "--audit-key",
+            "an-audit-key-of-more-than-32-bytes-0123456789",
+        ];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv)?.command {
             Command::Serve(args) => Ok(*args),
@@ -405,6 +525,30 @@ mod tests {
         assert_eq!(args.access_token_ttl, Duration::from_secs(15 * 60));
         assert_eq!(args.body_limit, 65536);
         assert!(args.rate_limits && args.run_api && args.run_relay && args.run_projections);
+    }
+
+    #[test]
+    fn a_missing_or_short_audit_key_is_refused_naming_the_variable() {
+        let error = Cli::try_parse_from(["hindsight", "serve", "--audit-key", "short"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("HINDSIGHT_AUDIT_KEY"), "{error}");
+    }
+
+    #[test]
+    fn hs256_needs_its_secret_and_key_pairs_need_their_files() {
+        let args = serve(&["--database-url", "postgres://localhost/db"]).unwrap();
+        let error = args.tokens().unwrap_err().to_string();
+        assert!(error.contains("HINDSIGHT_JWT_SECRET"), "{error}");
+        let args = serve(&[
+            "--database-url",
+            "postgres://localhost/db",
+            "--jwt-algorithm",
+            "EdDSA",
+        ])
+        .unwrap();
+        let error = args.tokens().unwrap_err().to_string();
+        assert!(error.contains("HINDSIGHT_JWT_PRIVATE_KEY_FILE"), "{error}");
     }
 
     #[test]

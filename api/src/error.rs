@@ -34,6 +34,9 @@ pub enum ApiError {
     /// 404 `NOT_FOUND`.
     #[error("not found")]
     NotFound,
+    /// 405 `METHOD_NOT_ALLOWED`: the route exists, the method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// 409 with the refusing rule's own code.
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -95,6 +98,7 @@ impl ApiError {
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,6 +118,7 @@ impl ApiError {
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::Forbidden => "FORBIDDEN",
             Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Self::Conflict { code, .. } | Self::Unprocessable { code, .. } => code,
             Self::VersionMismatch { .. } => "VERSION_MISMATCH",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",

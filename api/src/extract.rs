@@ -150,6 +150,22 @@ impl FromRequest<AppState> for NoFields {
     }
 }
 
+/// A path parameter; one that does not parse (an id that is not a UUID) names no
+/// resource, so it is 404 in the error envelope rather than axum's plain-text 400.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Self(value))
+            .map_err(|_| ApiError::NotFound)
+    }
+}
+
 /// `If-Match: "<version>"`: the version the client expects the aggregate to be at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IfMatch(pub Option<u64>);
@@ -211,8 +227,12 @@ impl Paging {
 }
 
 /// `min_position`: the query answers only once its read model has applied it.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MinPosition {
+    /// Answer only once the read model has applied this global position (a write's
+    /// `position`); past the configured wait, 503 `PROJECTION_LAGGING`.
+    #[param(minimum = 0)]
     pub min_position: Option<i64>,
 }
 

@@ -8,7 +8,8 @@
 //!
 //! Modules: [`config`] (flags and environment), [`error`] (the one error envelope),
 //! [`request_id`] (`X-Request-Id` and the per-request span), [`password`] (argon2id),
-//! [`routes`] (one module per concept), [`serve`] and [`cli`] (the commands).
+//! [`routes`] (one module per concept), [`openapi`] (the OpenAPI document generated from
+//! the routes, the policy and the types), [`serve`] and [`cli`] (the commands).
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method};
@@ -24,6 +25,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod metrics;
+pub mod openapi;
 pub mod password;
 pub mod policy;
 pub mod protect;
@@ -34,7 +36,7 @@ pub mod serve;
 pub mod state;
 pub mod telemetry;
 
-use config::{Cli, Command, EventsCommand, ProjectionsCommand, UserCommand};
+use config::{AuditCommand, Cli, Command, EventsCommand, ProjectionsCommand, UserCommand};
 use error::ApiError;
 use state::AppState;
 
@@ -81,6 +83,7 @@ pub fn build_app(state: AppState) -> Router {
         ))
         .route_layer(middleware::from_fn(metrics::track))
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.settings.body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -117,5 +120,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => cli::rebuild_projections(database, name, all).await,
         Command::Events(EventsCommand::Export(args)) => cli::export_events(args).await,
         Command::Events(EventsCommand::Check(args)) => cli::check_events(args).await,
+        Command::Audit(AuditCommand::Verify(args)) => cli::verify_history(args).await,
     }
 }

@@ -15,7 +15,6 @@ use hindsight_projections::worker::{ProjectionWorker, WorkerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
 use crate::config::ServeArgs;
 use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
@@ -38,6 +37,7 @@ pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let tokens = args.tokens()?;
     let pool = db::pool(
         args.database.database_url.connect_options(),
         args.database.db_max_connections,
@@ -81,14 +81,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             projection_wait: args.projection_wait,
             idempotency_ttl: args.idempotency_ttl,
         }),
-        tokens: Arc::new(Tokens::new(
-            args.jwt_secret.expose(),
-            &args.jwt_issuer,
-            &args.jwt_audience,
-            args.access_token_ttl,
-            args.refresh_token_ttl,
-        )),
+        tokens: Arc::new(tokens),
         login_throttle: Arc::new(LoginThrottle::per_hour(args.failed_logins_per_hour)),
+        integrity_key: args.audit_key.key(),
         rate_limits: args.rate_limits.then(|| {
             Arc::new(RateLimits::new(
                 args.rate_limit_per_second,
@@ -138,6 +133,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         components.spawn(async move {
             relay.run(stop).await;
             ("relay", Ok(()))
+        });
+    }
+    if args.run_relay {
+        // Checkpoints seal what the relay has published: positions below it can no
+        // longer be filled by a late commit.
+        let settings = hindsight_commands::integrity::CheckpointSettings {
+            relay_stream: args.nats_stream.clone(),
+            interval: args.audit_checkpoint_interval,
+        };
+        let checkpoints = hindsight_commands::integrity::run_checkpoints(
+            state.pool.clone(),
+            args.audit_key.key(),
+            settings,
+            shutdown.clone(),
+        );
+        components.spawn(async move {
+            checkpoints.await;
+            ("integrity checkpoints", Ok(()))
         });
     }
     // Projection workers are not watched like the other components: a projection that

@@ -24,6 +24,8 @@ pub struct AppState {
     pub login_throttle: Arc<LoginThrottle>,
     /// Per-IP limits; `None` when switched off.
     pub rate_limits: Option<Arc<RateLimits>>,
+    /// Signs and checks the integrity checkpoints.
+    pub integrity_key: Arc<hindsight_commands::integrity::IntegrityKey>,
 }
 
 /// The HTTP layer's own settings, taken from the configuration at start-up.

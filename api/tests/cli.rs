@@ -116,6 +116,10 @@ fn a_missing_secret_is_reported_by_its_variable_name() {
     let output = Command::new(BIN)
         .args(["serve"])
         .env("DATABASE_URL", "postgres://localhost/x")
+        .env(
+            "HINDSIGHT_AUDIT_KEY",
+            "an-audit-key-of-more-than-32-bytes-0123456789",
+        )
         .env_remove("HINDSIGHT_JWT_SECRET")
         .output()
         .unwrap();
@@ -407,6 +411,10 @@ fn events_check_and_serve_refuse_a_store_this_build_cannot_read() {
             "0123456789abcdef0123456789abcdef0123",
         )
         .env("HINDSIGHT_LISTEN_ADDR", "127.0.0.1:0")
+        .env(
+            "HINDSIGHT_AUDIT_KEY",
+            "an-audit-key-of-more-than-32-bytes-0123456789",
+        )
         .output()
         .unwrap();
     assert!(!serve.status.success());

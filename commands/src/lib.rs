@@ -17,6 +17,7 @@ pub mod aggregate;
 pub mod db;
 pub mod event;
 pub mod history;
+pub mod integrity;
 pub mod metadata;
 pub mod relay;
 pub mod store;

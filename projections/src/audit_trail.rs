@@ -31,12 +31,13 @@ const COLUMNS: &str = "position, event_id, recorded_at, actor_id, actor_role, re
      correlation_id, causation_id, aggregate_type, aggregate_id, event_type, summary";
 
 /// One event as the audit trail shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub position: i64,
     pub event_id: Uuid,
     pub recorded_at: DateTime<Utc>,
     pub actor_id: Option<Uuid>,
+    #[schema(value_type = crate::schema::ActorRoleSchema)]
     pub actor_role: ActorRole,
     pub request_id: String,
     pub correlation_id: String,

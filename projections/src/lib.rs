@@ -22,6 +22,7 @@ pub mod progress;
 pub mod read_model;
 pub mod rebuild;
 pub mod sales;
+pub mod schema;
 pub mod status;
 pub mod users;
 pub mod worker;

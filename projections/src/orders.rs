@@ -25,13 +25,18 @@ const COLUMNS: &str = "id, customer_id, status, lines, total_amount, total_curre
      rejection_reason, created_at, updated_at, version";
 
 /// An order as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OrderView {
+    #[schema(value_type = uuid::Uuid)]
     pub id: OrderId,
+    #[schema(value_type = uuid::Uuid)]
     pub customer_id: UserId,
+    #[schema(value_type = crate::schema::OrderStatusSchema)]
     pub status: OrderStatus,
     /// The lines as placed, with the prices the customer pays.
+    #[schema(value_type = Vec<crate::schema::OrderLineSchema>)]
     pub lines: Vec<OrderLine>,
+    #[schema(value_type = crate::schema::MoneySchema)]
     pub total: Money,
     /// The code of the rule that refused the order; only present once it is rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]

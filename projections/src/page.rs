@@ -29,10 +29,11 @@ pub enum QueryError {
 }
 
 /// One page of a list, as the API answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
-    /// Where the next page starts; `None` on the last page.
+    /// Where the next page starts (opaque); `null` on the last page.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 

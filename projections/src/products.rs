@@ -28,17 +28,20 @@ const COLUMNS: &str = "id, sku, name, description, price_amount, price_currency,
      stock_available, stock_reserved, status, created_at, updated_at, version";
 
 /// A product as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProductView {
+    #[schema(value_type = uuid::Uuid)]
     pub id: ProductId,
     pub sku: String,
     pub name: String,
     pub description: String,
+    #[schema(value_type = crate::schema::MoneySchema)]
     pub price: Money,
     /// Units new orders can reserve.
     pub stock_available: i64,
     /// Units held for orders not yet paid, cancelled or rejected.
     pub stock_reserved: i64,
+    #[schema(value_type = crate::schema::ProductStatusSchema)]
     pub status: ProductStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

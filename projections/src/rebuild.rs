@@ -311,7 +311,7 @@ async fn run(
 }
 
 /// The state of the latest rebuild of a projection, if any.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RebuildStatus {
     pub status: String,
     pub target: i64,

@@ -8,10 +8,11 @@ use crate::rebuild::{self, RebuildStatus};
 use crate::worker;
 
 /// One projection's standing.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProjectionStatus {
     pub name: &'static str,
     /// `live`, `catching_up`, `rebuilding` or `failed`.
+    #[schema(value_type = crate::schema::ProjectionStateSchema)]
     pub status: String,
     /// The last position it has applied.
     pub position: i64,

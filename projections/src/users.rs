@@ -24,12 +24,16 @@ const TABLE: &str = "user_views";
 const COLUMNS: &str = "id, email, name, role, status, created_at, updated_at, version";
 
 /// A user as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserView {
+    #[schema(value_type = Uuid)]
     pub id: UserId,
+    /// The address as registered, lower-cased.
     pub email: String,
     pub name: String,
+    #[schema(value_type = crate::schema::RoleSchema)]
     pub role: Role,
+    #[schema(value_type = crate::schema::UserStatusSchema)]
     pub status: UserStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -668,3 +668,149 @@ async fn bad_bodies_get_the_error_envelope_and_change_nothing() {
         .unwrap();
     assert_eq!(events, 0);
 }
+
+#[tokio::test]
+async fn profile_user_admin_and_product_admin_routes_work_end_to_end() {
+    let system = TestSystem::start().await;
+    let admin = system.user(Role::Admin).await;
+    let customer = system.user(Role::Customer).await;
+
+    let renamed = system
+        .client()
+        .patch(system.url("/api/v1/users/me"))
+        .bearer_auth(&customer.access_token)
+        .json(&json!({"name": "Renamed Customer"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), StatusCode::OK);
+    let position = header(&renamed, "x-event-position");
+    let renamed = body(renamed).await;
+    assert_eq!(renamed["name"], "Renamed Customer");
+    assert_eq!(renamed["version"], 2);
+
+    let listed = system
+        .client()
+        .get(system.url(&format!(
+            "/api/v1/users?role=customer&status=active&min_position={position}"
+        )))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), StatusCode::OK);
+    let page = body(listed).await;
+    let names: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Renamed Customer"]);
+    let bad_filter = system
+        .client()
+        .get(system.url("/api/v1/users?role=superuser"))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_filter.status(), StatusCode::UNPROCESSABLE_ENTITY);
+
+    let user_path = format!("/api/v1/users/{}", customer.id);
+    let post_admin = |path: String| {
+        system
+            .client()
+            .post(system.url(&path))
+            .bearer_auth(&admin.access_token)
+            .send()
+    };
+    assert_eq!(
+        post_admin(format!("{user_path}/deactivate"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let again = post_admin(format!("{user_path}/deactivate")).await.unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert_eq!(body(again).await["error"]["code"], "USER_DEACTIVATED");
+    let reactivated = post_admin(format!("{user_path}/reactivate")).await.unwrap();
+    assert_eq!(reactivated.status(), StatusCode::OK);
+    assert_eq!(body(reactivated).await["status"], "active");
+    system.login(&customer.email, &customer.password).await;
+
+    let (product, _) = create_product(&system, &admin.access_token, "patch-1", 3).await;
+    let patched = system
+        .client()
+        .patch(system.url(&format!("/api/v1/products/{product}")))
+        .bearer_auth(&admin.access_token)
+        .header("If-Match", "\"1\"")
+        .json(&json!({"name": "Renamed", "price": {"amount": 1999, "currency": "EUR"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), StatusCode::OK);
+    let patched_position = header(&patched, "x-event-position");
+    assert_eq!(body(patched).await["version"], 3);
+    let other_currency = system
+        .client()
+        .patch(system.url(&format!("/api/v1/products/{product}")))
+        .bearer_auth(&admin.access_token)
+        .json(&json!({"price": {"amount": 1999, "currency": "USD"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        body(other_currency).await["error"]["code"],
+        "CURRENCY_MISMATCH"
+    );
+    let discontinued = system
+        .client()
+        .post(system.url(&format!("/api/v1/products/{product}/discontinue")))
+        .bearer_auth(&admin.access_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(discontinued.status(), StatusCode::OK);
+    let discontinued_position = header(&discontinued, "x-event-position");
+    let view = body(
+        system
+            .client()
+            .get(system.url(&format!(
+                "/api/v1/products/{product}?min_position={discontinued_position}"
+            )))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        discontinued_position > patched_position
+            || discontinued_position.len() > patched_position.len()
+    );
+    assert_eq!(view["name"], "Renamed");
+    assert_eq!(view["price"]["amount"], 1999);
+    assert_eq!(view["status"], "discontinued");
+
+    // Path and method errors use the envelope too.
+    let not_an_id = system
+        .client()
+        .get(system.url("/api/v1/products/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_an_id.status(), StatusCode::NOT_FOUND);
+    assert_eq!(body(not_an_id).await["error"]["code"], "NOT_FOUND");
+    let wrong_method = system
+        .client()
+        .delete(system.url("/api/v1/products"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        body(wrong_method).await["error"]["code"],
+        "METHOD_NOT_ALLOWED"
+    );
+}

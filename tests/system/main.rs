@@ -12,6 +12,8 @@ mod distribution;
 mod event_store;
 mod health;
 mod idempotency;
+mod integrity;
+mod openapi;
 mod order_process;
 mod orders;
 mod protections;

@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use hindsight_projections::rebuild;
 use hindsight_projections::status::{self, standing, ProjectionStatus};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use crate::routes::Routes;
@@ -53,13 +54,22 @@ async fn one(
         .ok_or_else(|| ApiError::internal("a known projection has no standing"))
 }
 
+/// What a started rebuild answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct RebuildStarted {
+    name: &'static str,
+    /// Always `rebuilding`: progress shows in the projection's status.
+    #[schema(value_type = String, pattern = "^rebuilding$")]
+    status: &'static str,
+}
+
 /// `POST /admin/projections/{name}/rebuild`: 202; the rebuild runs in the background
 /// while the old read model keeps serving, then takes over.
 async fn start_rebuild(
     State(state): State<AppState>,
     Path(name): Path<String>,
     _body: crate::extract::NoFields,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<RebuildStarted>), ApiError> {
     let name = rebuild::rebuildable()
         .into_iter()
         .find(|known| *known == name)
@@ -97,6 +107,9 @@ async fn start_rebuild(
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "name": name, "status": "rebuilding" })),
+        Json(RebuildStarted {
+            name,
+            status: "rebuilding",
+        }),
     ))
 }

@@ -1,6 +1,7 @@
 //! `/audit`: the stored history for auditors (and admins): the global event feed, one
 //! aggregate's stream, an aggregate's state folded from its own events as of a version or
-//! a time, the audit-trail read model, and a streamed NDJSON export.
+//! a time, the audit-trail read model, a streamed NDJSON export, and the verification of
+//! the store's hash chains and signed checkpoints.
 //!
 //! Everything but the trail reads the event store itself, so those answers carry no
 //! `X-Projection-Position` and never wait. Secrets in payloads and states (password
@@ -18,6 +19,7 @@ use hindsight_commands::event::EventDecodeError;
 use hindsight_commands::history::{
     self, AsOf, Folded, HistoryFilter, AGGREGATE_TYPES, DEFAULT_FEED_LIMIT, MAX_FEED_LIMIT,
 };
+use hindsight_commands::integrity::{self, IntegrityKey, VerifyReport};
 use hindsight_commands::StoredEvent;
 use hindsight_domain::order::Order;
 use hindsight_domain::product::Product;
@@ -55,6 +57,7 @@ pub fn routes(routes: Routes) -> Routes {
         )
         .add(Method::GET, "/audit/trail", trail)
         .add(Method::GET, "/audit/export", export)
+        .add(Method::GET, "/audit/verify", verify)
 }
 
 fn history_failed(error: EventDecodeError) -> ApiError {
@@ -381,4 +384,39 @@ async fn export(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     Ok(response)
+}
+
+/// The key that checks the signatures of integrity checkpoints.
+///
+/// `AppState` does not carry it yet: until it does, verification answers 503 rather than
+/// a report that could not check a single signature.
+fn integrity_key(state: &AppState) -> Result<&IntegrityKey, ApiError> {
+    Ok(&state.integrity_key)
+}
+
+/// The verification of the whole store, as `GET /audit/verify` answers it.
+async fn verification(
+    pool: &sqlx::PgPool,
+    key: &IntegrityKey,
+) -> Result<Json<VerifyReport>, ApiError> {
+    let report = integrity::verify(pool, key)
+        .await
+        .map_err(ApiError::from_sqlx)?;
+    if let Some(broken) = &report.first_broken {
+        tracing::warn!(
+            position = broken.position,
+            kind = ?broken.kind,
+            reason = %broken.reason,
+            "the event store failed verification"
+        );
+    }
+    Ok(Json(report))
+}
+
+/// `GET /audit/verify`: recomputes every stream's hash chain and every signed checkpoint
+/// and names the first broken link (lowest position). A broken history is the answer
+/// (200, `ok: false`), not an error.
+async fn verify(State(state): State<AppState>) -> Result<Json<VerifyReport>, ApiError> {
+    let key = integrity_key(&state)?;
+    verification(&state.pool, key).await
 }

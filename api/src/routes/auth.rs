@@ -17,9 +17,10 @@ use hindsight_domain::ids::UserId;
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand};
 use hindsight_domain::values::{Email, PersonName};
+use hindsight_projections::users::UserView;
 use secrecy::SecretString;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{access_of, hash_refresh_token};
@@ -88,12 +89,22 @@ impl LoginThrottle {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterRequest {
+pub(crate) struct RegisterRequest {
+    #[schema(format = Email)]
     email: String,
+    /// 8 to 128 characters.
+    #[schema(min_length = 8, max_length = 128)]
     password: String,
     name: String,
+}
+
+/// What `register` answers, besides the command's `position`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Registered {
+    /// The new user, a `customer`.
+    user: UserView,
 }
 
 async fn register(
@@ -135,10 +146,8 @@ async fn register(
         )
         .await??;
     let user = user_view_from_store(&state, user_id.as_uuid()).await?;
-    Ok(CommandAnswer::created(
-        json!({ "user": user }),
-        executed.position,
-    ))
+    let body = serde_json::to_value(Registered { user }).map_err(ApiError::internal)?;
+    Ok(CommandAnswer::created(body, executed.position))
 }
 
 fn password_failure(error: PasswordError) -> ApiError {
@@ -148,9 +157,9 @@ fn password_failure(error: PasswordError) -> ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginRequest {
+pub(crate) struct LoginRequest {
     email: String,
     password: String,
 }
@@ -160,19 +169,26 @@ async fn login(
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
     // One answer for every failure: unknown address, wrong password, deactivated user.
-    let account = Email::parse(&body.email)
+    let email = Email::parse(&body.email);
+    let account = email
+        .as_ref()
         .map(|email| email.key())
         .unwrap_or_else(|_| body.email.trim().to_lowercase());
     if let Some(wait) = state.login_throttle.locked_for(&account) {
         return Err(ApiError::RateLimited { retry_after: wait });
     }
-    let user_id: Option<String> = sqlx::query_scalar(
-        "SELECT aggregate_id FROM unique_keys WHERE kind = 'email' AND key = $1",
-    )
-    .bind(&account)
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(ApiError::from_sqlx)?;
+    // Only a valid address can belong to a user; anything else (such as text Postgres
+    // cannot store) is not looked up, and fails like an unknown address.
+    let user_id: Option<String> = match email {
+        Ok(_) => sqlx::query_scalar(
+            "SELECT aggregate_id FROM unique_keys WHERE kind = 'email' AND key = $1",
+        )
+        .bind(&account)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(ApiError::from_sqlx)?,
+        Err(_) => None,
+    };
     let user_id = user_id.and_then(|id| Uuid::parse_str(&id).ok());
     let loaded = match user_id {
         Some(id) => state.commands.users.load(id).await?,
@@ -205,9 +221,9 @@ async fn login(
     Ok(Json(pair).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshRequest {
+pub(crate) struct RefreshRequest {
     refresh_token: String,
 }
 

@@ -6,11 +6,14 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::state::AppState;
 
-#[derive(Debug, Serialize)]
-struct Liveness {
+/// `GET /health/live`: `{"status": "ok"}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Liveness {
+    #[schema(value_type = String, pattern = "^ok$")]
     status: &'static str,
 }
 
@@ -18,16 +21,25 @@ pub async fn live() -> impl IntoResponse {
     Json(Liveness { status: "ok" })
 }
 
-#[derive(Debug, Serialize)]
-struct Readiness {
+/// `GET /health/ready`: `ready` (200) or `not_ready` (503), with each dependency's check.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Readiness {
+    /// `ready` or `not_ready`.
+    #[schema(value_type = String, pattern = "^(ready|not_ready)$")]
     status: &'static str,
     checks: Checks,
 }
 
-#[derive(Debug, Serialize)]
-struct Checks {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Checks {
+    /// `ok` or `unreachable`.
+    #[schema(value_type = String)]
     postgres: &'static str,
+    /// `ok`, `pending` or `unknown`.
+    #[schema(value_type = String)]
     migrations: &'static str,
+    /// `ok`, `unreachable` or `not_used`.
+    #[schema(value_type = String)]
     nats: &'static str,
 }
 

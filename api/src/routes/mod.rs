@@ -59,7 +59,7 @@ fn service() -> Routes {
 
 /// The `/api/v1` routes.
 fn api() -> Routes {
-    let routes = Routes::new("/api/v1");
+    let routes = Routes::new("/api/v1").add(Method::GET, "/openapi.json", crate::openapi::serve);
     let routes = auth::routes(routes);
     let routes = users::routes(routes);
     let routes = products::routes(routes);

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::Method;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
@@ -13,15 +13,17 @@ use hindsight_domain::role::Role;
 use hindsight_domain::values::Quantity;
 use hindsight_projections::orders::{self, OrderFilter, OrderView};
 use hindsight_projections::page::Page;
-use serde::Deserialize;
+use hindsight_projections::schema::{MoneySchema, OrderStatusSchema};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{
-    ApiJson, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, OptionalJson, Paging,
-    ReadAnswer,
+    ApiJson, ApiPath, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, OptionalJson,
+    Paging, ReadAnswer,
 };
 use crate::request_id::RequestId;
 use crate::routes::products::MoneyInput;
@@ -42,17 +44,40 @@ pub fn routes(routes: Routes) -> Routes {
         .add(Method::POST, "/orders/{id}/ship", ship)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PlaceRequest {
+pub(crate) struct PlaceRequest {
+    /// 1 to 100 lines, one per product.
+    #[schema(max_items = 100)]
     lines: Vec<LineRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LineRequest {
+pub(crate) struct LineRequest {
     product_id: Uuid,
+    /// 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
     quantity: i64,
+}
+
+/// What `place` answers, besides the command's `position`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OrderPlaced {
+    id: Uuid,
+    /// Always `pending`: the order process decides it next.
+    #[schema(value_type = OrderStatusSchema)]
+    status: OrderStatus,
+}
+
+/// What the other order commands answer, besides the command's `position`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OrderChanged {
+    id: Uuid,
+    #[schema(value_type = OrderStatusSchema)]
+    status: Option<OrderStatus>,
+    /// The order's version after the command.
+    version: u64,
 }
 
 /// Validates each line against the product's current state and captures its SKU, name
@@ -117,18 +142,28 @@ async fn place(
             None,
         )
         .await??;
-    Ok(CommandAnswer::created(
-        json!({ "id": order_id.as_uuid(), "status": OrderStatus::Pending }),
-        executed.position,
-    ))
+    let body = serde_json::to_value(OrderPlaced {
+        id: order_id.as_uuid(),
+        status: OrderStatus::Pending,
+    })
+    .map_err(ApiError::internal)?;
+    Ok(CommandAnswer::created(body, executed.position))
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    #[param(value_type = Option<OrderStatusSchema>)]
     status: Option<OrderStatus>,
+    /// Admins and auditors: one customer's orders. A customer always sees their own.
     customer_id: Option<Uuid>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// The previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Answer only once the read model has applied this position.
+    #[param(minimum = 0)]
     min_position: Option<i64>,
 }
 
@@ -169,7 +204,7 @@ async fn list(
 async fn one(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(at): ApiQuery<MinPosition>,
 ) -> Result<ReadAnswer<OrderView>, ApiError> {
     let position = at.wait(&state, PROJECTION).await?;
@@ -287,7 +322,7 @@ impl Watch {
 async fn stream(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     order_for(&state, &user, id).await?;
     let progress = state
@@ -346,15 +381,20 @@ async fn execute(
         .await?
         .ok_or(ApiError::NotFound)?
         .state;
-    Ok(CommandAnswer::ok(
-        json!({ "id": id, "status": order.status(), "version": executed.version }),
-        executed.position,
-    ))
+    let body = serde_json::to_value(OrderChanged {
+        id,
+        status: order.status(),
+        version: executed.version,
+    })
+    .map_err(ApiError::internal)?;
+    Ok(CommandAnswer::ok(body, executed.position))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PayRequest {
+pub(crate) struct PayRequest {
+    /// Must equal the order's total.
+    #[schema(value_type = MoneySchema)]
     amount: MoneyInput,
 }
 
@@ -362,7 +402,7 @@ async fn pay(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     ApiJson(body): ApiJson<PayRequest>,
 ) -> Result<CommandAnswer, ApiError> {
@@ -382,9 +422,11 @@ async fn pay(
     .await
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CancelRequest {
+pub(crate) struct CancelRequest {
+    /// At most 500 characters.
+    #[schema(max_length = 500)]
     reason: Option<String>,
 }
 
@@ -392,7 +434,7 @@ async fn cancel(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     OptionalJson(body): OptionalJson<CancelRequest>,
 ) -> Result<CommandAnswer, ApiError> {
@@ -405,6 +447,13 @@ async fn cancel(
         return Err(ApiError::validation(
             "reason",
             "must be at most 500 characters",
+        ));
+    }
+    // The reason is stored in the event's JSON payload, which cannot hold U+0000.
+    if reason.as_ref().is_some_and(|reason| reason.contains('\0')) {
+        return Err(ApiError::validation(
+            "reason",
+            "must not contain NUL characters",
         ));
     }
     execute(
@@ -422,7 +471,7 @@ async fn ship(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     _body: NoFields,
 ) -> Result<CommandAnswer, ApiError> {

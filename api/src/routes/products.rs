@@ -1,20 +1,21 @@
 //! `/products`: the catalog (anyone reads it) and its administration.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::Method;
 use hindsight_domain::ids::ProductId;
 use hindsight_domain::product::{ProductCommand, ProductStatus};
 use hindsight_domain::values::{Currency, Description, Money, ProductName, Quantity, Sku};
 use hindsight_projections::page::Page;
 use hindsight_projections::products::{self, ProductFilter, ProductSort, ProductView};
-use serde::Deserialize;
-use serde_json::json;
+use hindsight_projections::schema::{MoneySchema, ProductSortSchema, ProductStatusSchema};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
 use crate::error::ApiError;
 use crate::extract::{
-    ApiJson, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, Paging, ReadAnswer,
+    ApiJson, ApiPath, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, Paging, ReadAnswer,
 };
 use crate::request_id::RequestId;
 use crate::routes::support::{actor, metadata, Fields};
@@ -54,15 +55,26 @@ impl MoneyInput {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Text search over name and description.
     q: Option<String>,
+    #[param(value_type = Option<ProductStatusSchema>)]
     status: Option<ProductStatus>,
+    /// Lowest price in minor units, inclusive.
     min_price: Option<i64>,
+    /// Highest price in minor units, inclusive.
     max_price: Option<i64>,
+    #[param(value_type = Option<ProductSortSchema>)]
     sort: Option<String>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// The previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Answer only once the read model has applied this position.
+    #[param(minimum = 0)]
     min_position: Option<i64>,
 }
 
@@ -107,7 +119,7 @@ async fn list(
 
 async fn one(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(at): ApiQuery<MinPosition>,
 ) -> Result<ReadAnswer<ProductView>, ApiError> {
     let position = at.wait(&state, PROJECTION).await?;
@@ -121,15 +133,34 @@ async fn one(
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRequest {
+pub(crate) struct CreateRequest {
+    /// 1 to 64 letters, digits, `.`, `_` or `-`, starting with a letter or digit; unique.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     sku: String,
     name: String,
     #[serde(default)]
     description: String,
+    #[schema(value_type = MoneySchema)]
     price: MoneyInput,
+    /// Units on hand.
+    #[schema(minimum = 0, maximum = 4294967295_i64)]
     stock: i64,
+}
+
+/// What `create` answers, besides the command's `position`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ProductCreated {
+    id: Uuid,
+}
+
+/// What the other product commands answer, besides the command's `position`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ProductChanged {
+    id: Uuid,
+    /// The product's version after the command.
+    version: u64,
 }
 
 async fn create(
@@ -171,10 +202,11 @@ async fn create(
             None,
         )
         .await??;
-    Ok(CommandAnswer::created(
-        json!({ "id": product_id.as_uuid() }),
-        executed.position,
-    ))
+    let body = serde_json::to_value(ProductCreated {
+        id: product_id.as_uuid(),
+    })
+    .map_err(ApiError::internal)?;
+    Ok(CommandAnswer::created(body, executed.position))
 }
 
 async fn execute(
@@ -190,17 +222,21 @@ async fn execute(
         .products
         .execute(id, command, &metadata(actor(user), request_id), expected.0)
         .await??;
-    Ok(CommandAnswer::ok(
-        json!({ "id": id, "version": executed.version }),
-        executed.position,
-    ))
+    let body = serde_json::to_value(ProductChanged {
+        id,
+        version: executed.version,
+    })
+    .map_err(ApiError::internal)?;
+    Ok(CommandAnswer::ok(body, executed.position))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReviseRequest {
+pub(crate) struct ReviseRequest {
     name: Option<String>,
     description: Option<String>,
+    /// Must stay in the product's currency.
+    #[schema(value_type = Option<MoneySchema>)]
     price: Option<MoneyInput>,
 }
 
@@ -208,7 +244,7 @@ async fn revise(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     ApiJson(body): ApiJson<ReviseRequest>,
 ) -> Result<CommandAnswer, ApiError> {
@@ -234,9 +270,11 @@ async fn revise(
     execute(&state, &user, &request_id, id, command, expected).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RestockRequest {
+pub(crate) struct RestockRequest {
+    /// Units added to the stock.
+    #[schema(minimum = 1, maximum = 4294967295_i64)]
     quantity: i64,
 }
 
@@ -244,7 +282,7 @@ async fn restock(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     ApiJson(body): ApiJson<RestockRequest>,
 ) -> Result<CommandAnswer, ApiError> {
@@ -267,7 +305,7 @@ async fn discontinue(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     _body: NoFields,
 ) -> Result<CommandAnswer, ApiError> {

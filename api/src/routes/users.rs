@@ -1,6 +1,6 @@
 //! `/users`: the caller's own profile and password, and user administration.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::Method;
 use axum::Json;
 use hindsight_domain::ids::UserId;
@@ -8,16 +8,18 @@ use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
 use hindsight_domain::values::PersonName;
 use hindsight_projections::page::Page;
+use hindsight_projections::schema::{RoleSchema, UserStatusSchema};
 use hindsight_projections::users::{self, UserFilter, UserView};
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{access_of, AuthUser};
 use crate::error::ApiError;
 use crate::extract::{
-    ApiJson, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, Paging, ReadAnswer,
+    ApiJson, ApiPath, ApiQuery, CommandAnswer, IfMatch, MinPosition, NoFields, Paging, ReadAnswer,
 };
 use crate::request_id::RequestId;
 use crate::routes::auth::revoke_user_sessions;
@@ -63,9 +65,9 @@ async fn me(
     read_one(&state, user.id, at).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RenameRequest {
+pub(crate) struct RenameRequest {
     name: String,
 }
 
@@ -114,10 +116,12 @@ async fn rename_me(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PasswordRequest {
+pub(crate) struct PasswordRequest {
     current_password: String,
+    /// 8 to 128 characters.
+    #[schema(min_length = 8, max_length = 128)]
     new_password: String,
 }
 
@@ -189,12 +193,20 @@ async fn change_password(
     Ok(Json(body))
 }
 
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    #[param(value_type = Option<RoleSchema>)]
     role: Option<Role>,
+    #[param(value_type = Option<UserStatusSchema>)]
     status: Option<UserStatus>,
+    /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// The previous page's `next_cursor`.
     cursor: Option<String>,
+    /// Answer only once the read model has applied this position.
+    #[param(minimum = 0)]
     min_position: Option<i64>,
 }
 
@@ -221,7 +233,7 @@ async fn list(
 async fn one(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(at): ApiQuery<MinPosition>,
 ) -> Result<ReadAnswer<UserView>, ApiError> {
     let may_read = matches!(user.role, Role::Admin | Role::Auditor) || user.id == id;
@@ -231,9 +243,10 @@ async fn one(
     read_one(&state, id, at).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RoleRequest {
+pub(crate) struct RoleRequest {
+    #[schema(value_type = RoleSchema)]
     role: Role,
 }
 
@@ -241,7 +254,7 @@ async fn assign_role(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     ApiJson(body): ApiJson<RoleRequest>,
 ) -> Result<CommandAnswer, ApiError> {
@@ -260,7 +273,7 @@ async fn deactivate(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     _body: NoFields,
 ) -> Result<CommandAnswer, ApiError> {
@@ -281,7 +294,7 @@ async fn reactivate(
     State(state): State<AppState>,
     user: AuthUser,
     request_id: RequestId,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     expected: IfMatch,
     _body: NoFields,
 ) -> Result<CommandAnswer, ApiError> {
