@@ -768,7 +768,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         .kind(Session)
         .describe(
             "An unknown address, a wrong password and a deactivated user get the \
-                same 401. Too many failed logins for one account answer 429.",
+             same 401. Too many failed logins for one account answer 429.",
         )
         .body(s.of::<auth::LoginRequest>())
         .answers(200, "Signed in", tokens.clone()),
@@ -781,7 +781,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         .kind(Session)
         .describe(
             "The presented refresh token is spent; presenting a spent one again \
-                revokes its whole family (401).",
+             revokes its whole family (401).",
         )
         .body(s.of::<auth::RefreshRequest>())
         .answers(200, "A new pair", tokens.clone()),
@@ -821,7 +821,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         )
         .describe(
             "Every other token and session of the user stops working at once; the \
-                answer carries a fresh pair. A wrong current password is 422.",
+             answer carries a fresh pair. A wrong current password is 422.",
         )
         .body(s.of::<users::PasswordRequest>())
         .answers(
@@ -934,8 +934,8 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         spec(M::POST, "/api/v1/orders", "placeOrder", "Place an order")
             .describe(
                 "The order is `pending` until the order process reserves its stock, \
-                then `confirmed` or `rejected` (with the refusing rule's code as \
-                `rejection_reason`).",
+                 then `confirmed` or `rejected` (with the refusing rule's code as \
+                 `rejection_reason`).",
             )
             .body(s.of::<orders::PlaceRequest>())
             .answers(201, "Placed", with_position(s.of::<orders::OrderPlaced>()))
@@ -958,8 +958,8 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         )
         .describe(
             "One `status` event per status change, in order, each with data \
-                `{id, status, version, position}`; the stream closes when the order is \
-                rejected, shipped or cancelled, or after five minutes.",
+             `{id, status, version, position}`; the stream closes when the order is \
+             rejected, shipped or cancelled, or after five minutes.",
         )
         .answers_as(200, "An event stream", "text/event-stream", string().into()),
         spec(
@@ -971,7 +971,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         .kind(VERSIONED)
         .describe(
             "`amount` must equal the order's total, else 409 \
-                `PAYMENT_AMOUNT_MISMATCH`.",
+             `PAYMENT_AMOUNT_MISMATCH`.",
         )
         .body(s.of::<orders::PayRequest>())
         .answers(200, "Paid", order_changed.clone())
@@ -985,7 +985,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         .kind(VERSIONED)
         .describe(
             "Owners before shipping, admins any time before shipping; reserved \
-                stock is released.",
+             stock is released.",
         )
         .optional_body(s.of::<orders::CancelRequest>())
         .answers(200, "Cancelled", order_changed.clone())
@@ -1038,7 +1038,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
         )
         .describe(
             "Exactly one of `version` and `at`. A version the aggregate never \
-                reached, or a time before its first event, is 404.",
+             reached, or a time before its first event, is 404.",
         )
         .query(
             "version",
@@ -1088,7 +1088,7 @@ fn operations(s: &mut Schemas) -> Vec<Spec> {
             )
             .describe(
                 "Streamed up to the head of the store when the export began; a \
-                    failure after the body started ends it early, unfinished.",
+                 failure after the body started ends it early, unfinished.",
             ),
         )
         .answers_as(
@@ -1493,12 +1493,12 @@ fn undocumented(path: &str, access: Option<Access>) -> Operation {
 }
 
 const DESCRIPTION: &str = "Hindsight, an event-sourced CQRS commerce backend. Commands \
-    answer the global `position` of their last event (body field `position`, header \
-    `X-Event-Position`); reads accept `min_position` and answer once their read model has \
-    applied it (`X-Projection-Position`). Every response carries `X-Request-Id`; every \
-    error has one envelope, `{\"error\": {\"code\", \"message\", \"details\"?, \
-    \"request_id\"}}`, whose `code` is one of `ErrorCode`. Money is integer minor units \
-    with an ISO 4217 currency; ids are UUIDs; times are RFC 3339 in UTC.";
+                           answer the global `position` of their last event (body field `position`, header \
+                           `X-Event-Position`); reads accept `min_position` and answer once their read model has \
+                           applied it (`X-Projection-Position`). Every response carries `X-Request-Id`; every \
+                           error has one envelope, `{\"error\": {\"code\", \"message\", \"details\"?, \
+                           \"request_id\"}}`, whose `code` is one of `ErrorCode`. Money is integer minor units \
+                           with an ISO 4217 currency; ids are UUIDs; times are RFC 3339 in UTC.";
 
 /// The whole document.
 pub fn document() -> OpenApi {

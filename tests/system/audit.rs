@@ -815,3 +815,19 @@ async fn projections_that_never_ran_are_catching_up_from_zero() {
         assert_eq!(projection["lag"], 1);
     }
 }
+
+#[tokio::test]
+async fn a_correlation_id_that_no_request_could_have_is_refused_not_a_server_error() {
+    let system = hindsight_tests::TestSystem::start().await;
+    let auditor = system.user(hindsight_domain::role::Role::Auditor).await;
+    for path in ["/api/v1/audit/events", "/api/v1/audit/export"] {
+        let response = system
+            .client()
+            .get(system.url(&format!("{path}?correlation_id=a%00b")))
+            .bearer_auth(&auditor.access_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{path}");
+    }
+}

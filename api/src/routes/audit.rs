@@ -134,11 +134,19 @@ impl EventsQuery {
             }
         };
         let correlation_id = self.correlation_id.clone();
-        if correlation_id
-            .as_deref()
-            .is_some_and(|id| id.is_empty() || id.len() > MAX_CORRELATION_ID)
-        {
-            fields.fail("correlation_id", "must be 1 to 128 characters");
+        // Correlation ids are request ids: 1-128 characters of A-Za-z0-9._- (anything
+        // else, a NUL above all, can match nothing and must not reach the database).
+        let valid = |id: &str| {
+            (1..=MAX_CORRELATION_ID).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        };
+        if correlation_id.as_deref().is_some_and(|id| !valid(id)) {
+            fields.fail(
+                "correlation_id",
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+            );
         }
         let (from, to) = time_range(fields, self.from.as_deref(), self.to.as_deref());
         HistoryFilter {
