@@ -15,8 +15,8 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, existing_ids, money_from_columns, table_name, CursorTag, Page,
-    PageRequest, QueryError,
+    aggregate_uuid, column_error, existing_ids, load_by_ids, money_from_columns, table_name,
+    CursorTag, Page, PageRequest, QueryError,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -92,20 +92,15 @@ impl Orders {
         let ids = existing_ids(&changes, |change| {
             matches!(change, OrderEvent::OrderPlaced { .. })
         });
-        let mut orders: BTreeMap<Uuid, OrderView> = if ids.is_empty() {
-            BTreeMap::new()
-        } else {
-            sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM {} WHERE id = ANY($1)",
-                self.table
-            ))
-            .bind(&ids)
-            .fetch_all(&mut *connection)
-            .await?
-            .iter()
-            .map(|row| order_from_row(row).map(|order| (order.id.as_uuid(), order)))
-            .collect::<Result<_, _>>()?
-        };
+        let mut orders = load_by_ids(
+            connection,
+            &self.table,
+            COLUMNS,
+            &ids,
+            order_from_row,
+            |view: &OrderView| view.id.as_uuid(),
+        )
+        .await?;
 
         for (event, id, change) in changes {
             fold(&mut orders, event, id, change)?;

@@ -223,6 +223,30 @@ pub(crate) fn aggregate_uuid(event: &StoredEvent) -> Result<Uuid, ApplyError> {
 /// The aggregates a batch changes that existed before it: those whose rows must be
 /// loaded before the batch is folded onto them (aggregates created within the batch start
 /// from nothing).
+/// The rows of `table` whose id is in `ids`, decoded and keyed by id; no query at all
+/// when `ids` is empty. What a read model loads before folding a batch into it.
+pub(crate) async fn load_by_ids<V>(
+    connection: &mut sqlx::PgConnection,
+    table: &str,
+    columns: &str,
+    ids: &[Uuid],
+    from_row: fn(&sqlx::postgres::PgRow) -> Result<V, sqlx::Error>,
+    id_of: fn(&V) -> Uuid,
+) -> Result<std::collections::BTreeMap<Uuid, V>, ApplyError> {
+    if ids.is_empty() {
+        return Ok(std::collections::BTreeMap::new());
+    }
+    let rows = sqlx::query(&format!("SELECT {columns} FROM {table} WHERE id = ANY($1)"))
+        .bind(ids)
+        .fetch_all(&mut *connection)
+        .await?;
+    let loaded = rows
+        .iter()
+        .map(|row| from_row(row).map(|view| (id_of(&view), view)))
+        .collect::<Result<_, _>>()?;
+    Ok(loaded)
+}
+
 pub(crate) fn existing_ids<T>(
     changes: &[(&StoredEvent, Uuid, T)],
     creates: impl Fn(&T) -> bool,

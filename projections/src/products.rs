@@ -18,8 +18,8 @@ use sqlx::{Encode, PgConnection, PgExecutor, Postgres, QueryBuilder, Row, Type};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, existing_ids, money_from_columns, table_name, CursorTag, Page,
-    PageRequest, QueryError,
+    aggregate_uuid, column_error, existing_ids, load_by_ids, money_from_columns, table_name,
+    CursorTag, Page, PageRequest, QueryError,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -173,20 +173,15 @@ impl Products {
         let ids = existing_ids(&changes, |change| {
             matches!(change, ProductEvent::ProductCreated { .. })
         });
-        let mut products: BTreeMap<Uuid, ProductView> = if ids.is_empty() {
-            BTreeMap::new()
-        } else {
-            sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM {} WHERE id = ANY($1)",
-                self.table
-            ))
-            .bind(&ids)
-            .fetch_all(&mut *connection)
-            .await?
-            .iter()
-            .map(|row| product_from_row(row).map(|product| (product.id.as_uuid(), product)))
-            .collect::<Result<_, _>>()?
-        };
+        let mut products = load_by_ids(
+            connection,
+            &self.table,
+            COLUMNS,
+            &ids,
+            product_from_row,
+            |view: &ProductView| view.id.as_uuid(),
+        )
+        .await?;
 
         for (event, id, change) in changes {
             fold(&mut products, event, id, change)?;

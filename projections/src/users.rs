@@ -15,8 +15,8 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, existing_ids, table_name, CursorTag, Page, PageRequest,
-    QueryError,
+    aggregate_uuid, column_error, existing_ids, load_by_ids, table_name, CursorTag, Page,
+    PageRequest, QueryError,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -83,20 +83,15 @@ impl Users {
         let ids = existing_ids(&changes, |change| {
             matches!(change, UserEvent::UserRegistered { .. })
         });
-        let mut users: BTreeMap<Uuid, UserView> = if ids.is_empty() {
-            BTreeMap::new()
-        } else {
-            sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM {} WHERE id = ANY($1)",
-                self.table
-            ))
-            .bind(&ids)
-            .fetch_all(&mut *connection)
-            .await?
-            .iter()
-            .map(|row| user_from_row(row).map(|user| (user.id.as_uuid(), user)))
-            .collect::<Result<_, _>>()?
-        };
+        let mut users = load_by_ids(
+            connection,
+            &self.table,
+            COLUMNS,
+            &ids,
+            user_from_row,
+            |view: &UserView| view.id.as_uuid(),
+        )
+        .await?;
 
         for (event, id, change) in changes {
             fold(&mut users, event, id, change)?;
