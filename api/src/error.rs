@@ -82,13 +82,10 @@ impl ApiError {
 
     /// A database error: unreachable is 503, anything else 500.
     pub fn from_sqlx(error: sqlx::Error) -> Self {
-        match error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(Box::new(error)),
-            other => Self::Internal(Box::new(other)),
+        if hindsight_commands::db::is_connectivity(&error) {
+            Self::Unavailable(Box::new(error))
+        } else {
+            Self::Internal(Box::new(error))
         }
     }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// Every migration in `migrations/`, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -56,4 +56,41 @@ async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
         .fetch_all(pool)
         .await
+}
+
+/// Whether a database error means the database could not be reached (or the connection
+/// broke), as opposed to a statement the database refused. The first is worth retrying
+/// later and is answered as "unavailable"; the second is a bug or bad data.
+pub fn is_connectivity(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// Takes the session advisory lock named `key` on a connection of its own, taken out of
+/// the pool: the lock lasts exactly as long as that connection, so when the holder dies
+/// the server ends the session and someone else can take the lock. `None` when another
+/// session holds it. This is how one relay per stream, one worker per projection and one
+/// rebuild per projection are elected.
+pub async fn try_session_lock(
+    pool: &PgPool,
+    key: &str,
+) -> Result<Option<PgConnection>, sqlx::Error> {
+    let mut connection = pool.acquire().await?.detach();
+    let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(key)
+        .fetch_one(&mut connection)
+        .await?;
+    if acquired {
+        Ok(Some(connection))
+    } else {
+        connection.close().await.ok();
+        Ok(None)
+    }
 }

@@ -241,16 +241,11 @@ impl Relay {
     async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, RelayError> {
         // The lock lives as long as this dedicated session: if the process dies, the
         // server ends the session and another relay takes over.
-        let mut leader = self.pool.acquire().await?.detach();
-        let acquired: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(self.settings.leader_key())
-                .fetch_one(&mut leader)
-                .await?;
-        if !acquired {
-            leader.close().await.ok();
+        let Some(mut leader) =
+            crate::db::try_session_lock(&self.pool, &self.settings.leader_key()).await?
+        else {
             return Ok(false);
-        }
+        };
         tracing::info!(stream = %self.settings.stream, "relay is active");
         let result = self.relay(&mut leader, shutdown).await;
         leader.close().await.ok();

@@ -110,7 +110,7 @@ pub enum StoreError {
 
 impl StoreError {
     fn from_sqlx(error: sqlx::Error) -> Self {
-        if is_unavailable(&error) {
+        if crate::db::is_connectivity(&error) {
             Self::Unavailable(Box::new(error))
         } else {
             Self::Database(Box::new(error))
@@ -122,17 +122,6 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         Self::from_sqlx(error)
     }
-}
-
-fn is_unavailable(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-    )
 }
 
 fn sqlstate_of(error: &(dyn StdError + Send + Sync + 'static)) -> Option<String> {

@@ -125,16 +125,10 @@ impl std::fmt::Debug for Rebuild {
 pub async fn start(pool: &PgPool, name: &str) -> Result<Rebuild, RebuildError> {
     let (live, copy) = pair(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
     let name = live.name();
-    let mut guard = pool.acquire().await?.detach();
-    let exclusive: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(format!("hindsight-rebuild:{name}"))
-            .fetch_one(&mut guard)
-            .await?;
-    if !exclusive {
-        guard.close().await.ok();
-        return Err(RebuildError::AlreadyRunning(name.to_owned()));
-    }
+    let guard =
+        hindsight_commands::db::try_session_lock(pool, &format!("hindsight-rebuild:{name}"))
+            .await?
+            .ok_or_else(|| RebuildError::AlreadyRunning(name.to_owned()))?;
     sqlx::query(
         "INSERT INTO projection_rebuilds (name, status) VALUES ($1, 'running') \
          ON CONFLICT (name) DO UPDATE SET status = 'running', target = 0, position = 0, \

@@ -218,16 +218,11 @@ impl ProjectionWorker {
     /// Becomes the active worker of this projection if no one else is. Returns whether it
     /// did.
     async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
-        let mut leader = self.pool.acquire().await?.detach();
-        let acquired: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(self.leader_key())
-                .fetch_one(&mut leader)
-                .await?;
-        if !acquired {
-            leader.close().await.ok();
+        let Some(mut leader) =
+            hindsight_commands::db::try_session_lock(&self.pool, &self.leader_key()).await?
+        else {
             return Ok(false);
-        }
+        };
         let result = self.project(&mut leader, shutdown).await;
         leader.close().await.ok();
         result.map(|()| true)
@@ -468,19 +463,6 @@ enum CommitError {
     Moved { expected: i64, found: i64 },
 }
 
-/// Whether the database error is about reaching the database rather than the statement.
-fn is_connectivity(error: &sqlx::Error) -> bool {
-    matches!(
-        error,
-        sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-    )
-}
-
 impl CommitError {
     /// Whether the events themselves may be what fails (as opposed to the database being
     /// unreachable, something the read model depends on being unavailable, or another
@@ -488,7 +470,7 @@ impl CommitError {
     fn may_be_poison(&self) -> bool {
         match self {
             Self::Apply(ApplyError::Database(error)) | Self::Database(error) => {
-                !is_connectivity(error)
+                !hindsight_commands::db::is_connectivity(error)
             }
             Self::Apply(ApplyError::Unavailable(_)) => false,
             Self::Apply(_) => true,
