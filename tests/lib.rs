@@ -149,15 +149,7 @@ impl TestApp {
 
     /// Spawns the app after `configure` adjusted its state.
     pub async fn spawn_with(db: &TestDb, configure: impl FnOnce(&mut AppState)) -> Self {
-        let nats = async_nats::connect(nats_url())
-            .await
-            .unwrap_or_else(|error| {
-                panic!(
-                    "NATS is not reachable at {} ({error}). System tests need a real NATS with \
-                 JetStream: start it with `scripts/services.sh up` or set HINDSIGHT_TEST_NATS_URL.",
-                    nats_url()
-                )
-            });
+        let nats = nats_client().await;
         let progress = hindsight_projections::progress::ProjectionProgress::start(
             db.pool.clone(),
             tokio_util::sync::CancellationToken::new(),

@@ -64,13 +64,17 @@ impl ProjectionProgress {
         Ok(progress)
     }
 
+    /// Records a `name:position` notification.
     fn record(&self, payload: &str) {
         let Some((name, position)) = payload.rsplit_once(':') else {
             return;
         };
-        let Ok(position) = position.parse::<i64>() else {
-            return;
-        };
+        if let Ok(position) = position.parse::<i64>() {
+            self.set(name, position);
+        }
+    }
+
+    fn set(&self, name: &str, position: i64) {
         if let Some(sender) = self.sender_if_tracked(name) {
             sender.send_if_modified(|current| {
                 let newer = position != *current;
@@ -94,7 +98,7 @@ impl ProjectionProgress {
         };
         for name in names {
             if let Ok(position) = stored_position(&self.pool, &name).await {
-                self.record(&format!("{name}:{position}"));
+                self.set(&name, position);
             }
         }
     }
@@ -146,7 +150,7 @@ impl ProjectionProgress {
         }
         // A notification may have been missed; the stored checkpoint decides.
         let position = stored_position(&self.pool, name).await?;
-        self.record(&format!("{name}:{position}"));
+        self.set(name, position);
         Ok(if position >= min_position {
             Waited::Reached(position)
         } else {
