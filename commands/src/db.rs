@@ -94,3 +94,23 @@ pub async fn try_session_lock(
         Ok(None)
     }
 }
+
+/// Starts a transaction on a pooled connection, in a way a cancelled caller cannot break.
+///
+/// sqlx 0.8 sends `BEGIN` before it counts the transaction, so a caller cancelled during
+/// `pool.begin()` (an aborted task, a request timeout, a `select!` that lost) returns the
+/// connection to the pool inside a transaction sqlx does not know about; every later
+/// autocommitted statement on that connection then runs uncommitted. Here the `BEGIN`
+/// runs in its own task: if the caller is gone by the time it completes, the transaction
+/// is dropped as a transaction, which rolls it back before the connection is reused.
+pub async fn begin(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(result) => result,
+        Err(error) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
+            tracing::error!(%error, "the task starting a transaction failed");
+        }),
+    }
+}

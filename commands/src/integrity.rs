@@ -329,7 +329,7 @@ async fn seal_next(
     key: &IntegrityKey,
     up_to: i64,
 ) -> Result<Option<Checkpoint>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(CHECKPOINT_LOCK)
         .execute(&mut *tx)

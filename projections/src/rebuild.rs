@@ -215,7 +215,7 @@ async fn run(
         let Some(last) = events.last().map(|event| event.position) else {
             break;
         };
-        let mut tx = pool.begin().await?;
+        let mut tx = hindsight_commands::db::begin(pool).await?;
         copy.apply(&mut tx, &events).await?;
         tx.commit().await?;
         position = last;
@@ -231,7 +231,7 @@ async fn run(
     }
 
     // Catch up and swap in one transaction, with the live worker paused on its checkpoint.
-    let mut tx = pool.begin().await?;
+    let mut tx = hindsight_commands::db::begin(pool).await?;
     sqlx::query("SET LOCAL lock_timeout = '10s'")
         .execute(&mut *tx)
         .await?;

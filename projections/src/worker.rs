@@ -420,7 +420,7 @@ impl ProjectionWorker {
     /// `to`, notify, commit.
     async fn commit(&self, from: i64, events: &[StoredEvent], to: i64) -> Result<(), CommitError> {
         let name = self.name();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = hindsight_commands::db::begin(&self.pool).await?;
         let current: i64 = sqlx::query_scalar(
             "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
         )
