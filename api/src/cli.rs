@@ -3,7 +3,7 @@
 use std::io::BufRead as _;
 
 use anyhow::{bail, Context as _};
-use hindsight_commands::{db, Actor, CommandBus, EventMetadata, StoreSettings};
+use hindsight_commands::{db, Actor, CommandBus, EventMetadata};
 use hindsight_domain::ids::UserId;
 use hindsight_domain::user::{PasswordHash, UserCommand};
 use hindsight_domain::values::{Email, PersonName};
@@ -69,13 +69,7 @@ pub async fn create_user(args: UserCreateArgs) -> anyhow::Result<()> {
     db::migrate(&pool)
         .await
         .context("applying database migrations (check DATABASE_URL)")?;
-    let commands = CommandBus::new(
-        pool.clone(),
-        StoreSettings {
-            snapshot_every: args.database.snapshot_every as usize,
-            ..StoreSettings::default()
-        },
-    );
+    let commands = CommandBus::new(pool.clone(), args.database.store_settings());
     let user_id = UserId::new();
     let request_id = format!("cli-{}", uuid::Uuid::new_v4());
     let metadata = EventMetadata::for_request(Actor::system(), request_id);

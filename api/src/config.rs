@@ -176,6 +176,20 @@ pub struct DatabaseArgs {
     /// Take an aggregate snapshot every this many events.
     #[arg(long, env = "HINDSIGHT_SNAPSHOT_EVERY", value_name = "HINDSIGHT_SNAPSHOT_EVERY", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub snapshot_every: u32,
+    /// Aggregates of each type kept in memory between commands (0 loads every time).
+    #[arg(long, env = "HINDSIGHT_AGGREGATE_CACHE", value_name = "HINDSIGHT_AGGREGATE_CACHE", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub aggregate_cache: u32,
+}
+
+impl DatabaseArgs {
+    /// The write path's settings.
+    pub fn store_settings(&self) -> hindsight_commands::StoreSettings {
+        hindsight_commands::StoreSettings {
+            snapshot_every: self.snapshot_every as usize,
+            cache_capacity: self.aggregate_cache as usize,
+            ..hindsight_commands::StoreSettings::default()
+        }
+    }
 }
 
 /// Everything `serve` needs.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hindsight_commands::relay::{Relay, RelaySettings};
-use hindsight_commands::{db, CommandBus, StoreSettings};
+use hindsight_commands::{db, CommandBus};
 use hindsight_projections::progress::ProjectionProgress;
 use hindsight_projections::worker::{ProjectionWorker, WorkerSettings};
 use tokio::task::JoinSet;
@@ -54,13 +54,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("checking stored events (check DATABASE_URL)")?;
     crate::cli::refuse_undecodable(&checked)?;
     let nats = connect_nats(&args.nats_url).await?;
-    let commands = CommandBus::new(
-        pool.clone(),
-        StoreSettings {
-            snapshot_every: args.database.snapshot_every as usize,
-            ..StoreSettings::default()
-        },
-    );
+    let commands = CommandBus::new(pool.clone(), args.database.store_settings());
     let passwords = Passwords::new(args.max_concurrent_hashes as usize)
         .context("initialising password hashing")?;
     let shutdown = CancellationToken::new();

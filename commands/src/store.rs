@@ -8,23 +8,34 @@
 //! and deciding again, a bounded number of times; with an expected version (`If-Match`)
 //! a conflict is a version mismatch instead.
 //!
+//! The hot path costs one round trip (docs/adr/0003-write-path.md): recently used
+//! aggregates stay in a bounded in-process cache at the version they were loaded or
+//! written at, and the events are appended by one autocommitted statement that answers
+//! their positions. The cache cannot make a write wrong, because an append only succeeds
+//! at the next free sequence: a stale entry loses the append with a conflict, is dropped
+//! and reloaded. A refusal, a no-op or a version mismatch decided on a cached entry is
+//! confirmed against the store's current version before it is answered. Snapshots (in
+//! postgres-es's table, read by its loader) are written every `snapshot_every` events.
+//!
 //! Two kinds of failure never mix: a [`Refusal`] is a decision ("the command is not
 //! allowed"), a [`StoreError`] means the infrastructure failed. [`AggregateStore::execute`]
 //! returns `Result<Result<Executed, Refusal<_>>, StoreError>` to keep them apart.
 
 use std::error::Error as StdError;
 use std::marker::PhantomData;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{AggregateError, EventStore};
-use hindsight_domain::{self as domain, RuleViolation};
+use hashlink::LruCache;
+use hindsight_domain::{self as domain, DomainEvent as _, RuleViolation};
 use postgres_es::PostgresEventRepository;
 use rand::Rng;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::aggregate::{Event, EventSourced};
+use crate::aggregate::EventSourced;
 use crate::metadata::EventMetadata;
 use crate::upcast::Upcaster;
 
@@ -36,6 +47,8 @@ pub struct StoreSettings {
     pub snapshot_every: usize,
     /// How many times a command is decided before a conflict is reported.
     pub max_attempts: u32,
+    /// Aggregates of one type kept in memory between commands (0: load every time).
+    pub cache_capacity: usize,
 }
 
 impl Default for StoreSettings {
@@ -43,6 +56,7 @@ impl Default for StoreSettings {
         Self {
             snapshot_every: 100,
             max_attempts: 8,
+            cache_capacity: 10_000,
         }
     }
 }
@@ -124,37 +138,42 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-fn sqlstate_of(error: &(dyn StdError + Send + Sync + 'static)) -> Option<String> {
-    let sqlx_error = error.downcast_ref::<sqlx::Error>()?;
-    sqlx_error
-        .as_database_error()
-        .and_then(|db| db.code())
-        .map(|code| code.into_owned())
+/// Maps a failed load to a store error.
+fn load_error<E: StdError>(error: AggregateError<E>) -> StoreError {
+    match error {
+        AggregateError::DatabaseConnectionError(inner) => StoreError::Unavailable(inner),
+        AggregateError::DeserializationError(inner) => StoreError::Corrupt(inner),
+        AggregateError::UnexpectedError(inner) => match inner.downcast::<sqlx::Error>() {
+            Ok(sqlx_error) => StoreError::from_sqlx(*sqlx_error),
+            Err(other) => StoreError::Database(other),
+        },
+        AggregateError::AggregateConflict => StoreError::Database("conflict while loading".into()),
+        AggregateError::UserError(rule) => {
+            StoreError::Database(format!("unexpected rule error from the store: {rule}").into())
+        }
+    }
 }
 
-/// The outcome of a failed append that is not an infrastructure failure.
+/// Why an append did not happen, when that is not an infrastructure failure.
 enum AppendFailure {
+    /// Another writer took the next sequence first.
     Conflict,
+    /// The unique-key trigger refused a key another aggregate holds.
     Taken(UniqueKey),
 }
 
-fn classify<E: StdError>(error: AggregateError<E>) -> Result<AppendFailure, StoreError> {
-    match error {
-        AggregateError::AggregateConflict => Ok(AppendFailure::Conflict),
-        AggregateError::UnexpectedError(inner) => match sqlstate_of(inner.as_ref()).as_deref() {
-            Some("HK001") => Ok(AppendFailure::Taken(UniqueKey::Email)),
-            Some("HK002") => Ok(AppendFailure::Taken(UniqueKey::Sku)),
-            _ => match inner.downcast::<sqlx::Error>() {
-                Ok(sqlx_error) => Err(StoreError::from_sqlx(*sqlx_error)),
-                Err(other) => Err(StoreError::Database(other)),
-            },
-        },
-        AggregateError::DatabaseConnectionError(inner) => Err(StoreError::Unavailable(inner)),
-        AggregateError::DeserializationError(inner) => Err(StoreError::Corrupt(inner)),
-        AggregateError::UserError(rule) => Err(StoreError::Database(
-            format!("unexpected rule error from the store: {rule}").into(),
-        )),
+fn classify_append(error: sqlx::Error) -> Result<AppendFailure, StoreError> {
+    if let Some(database) = error.as_database_error() {
+        match database.code().as_deref() {
+            Some("23505") if database.constraint() == Some("events_pkey") => {
+                return Ok(AppendFailure::Conflict)
+            }
+            Some("HK001") => return Ok(AppendFailure::Taken(UniqueKey::Email)),
+            Some("HK002") => return Ok(AppendFailure::Taken(UniqueKey::Sku)),
+            _ => {}
+        }
     }
+    Err(StoreError::from_sqlx(error))
 }
 
 /// An aggregate's state as loaded from the store.
@@ -165,11 +184,22 @@ pub struct Loaded<A> {
     pub version: u64,
 }
 
+/// An aggregate in hand while a command is decided.
+struct Entry<A> {
+    state: A,
+    version: u64,
+    /// The global position of its last event, when known.
+    position: Option<i64>,
+    /// Taken from the cache rather than read from the store just now.
+    cached: bool,
+}
+
 /// The write path of one aggregate type.
 pub struct AggregateStore<A: domain::Aggregate> {
     store: PersistedEventStore<PostgresEventRepository, EventSourced<A>>,
     pool: PgPool,
     settings: StoreSettings,
+    cache: Mutex<LruCache<Uuid, Entry<A>>>,
     _aggregate: PhantomData<A>,
 }
 
@@ -191,28 +221,99 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Self {
             store,
             pool,
+            cache: Mutex::new(LruCache::new(settings.cache_capacity.max(1))),
             settings,
             _aggregate: PhantomData,
         }
     }
 
-    /// Loads an aggregate (snapshot plus later events); `None` if it has no events.
-    pub async fn load(&self, id: Uuid) -> Result<Option<Loaded<A>>, StoreError> {
+    /// Takes an aggregate out of the cache (so no other command decides on the same
+    /// entry); a command that finds none loads from the store.
+    fn take_cached(&self, id: Uuid) -> Option<Entry<A>> {
+        if self.settings.cache_capacity == 0 {
+            return None;
+        }
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.remove(&id).map(|entry| Entry {
+            cached: true,
+            ..entry
+        })
+    }
+
+    /// Puts an entry back, unless a newer one was put there meanwhile.
+    fn keep(&self, id: Uuid, entry: Entry<A>) {
+        if self.settings.cache_capacity == 0 || entry.version == 0 {
+            return;
+        }
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cache
+            .peek(&id)
+            .is_some_and(|current| current.version >= entry.version)
+        {
+            return;
+        }
+        cache.insert(id, entry);
+    }
+
+    /// Reads an aggregate from the store: its snapshot plus the events after it.
+    async fn load_fresh(&self, id: Uuid) -> Result<Entry<A>, StoreError> {
         let context = self
             .store
             .load_aggregate(&id.to_string())
             .await
-            .map_err(|error| match classify(error) {
-                Ok(_) => StoreError::Database("conflict while loading".into()),
-                Err(error) => error,
-            })?;
-        if context.current_sequence == 0 {
-            return Ok(None);
-        }
-        Ok(Some(Loaded {
+            .map_err(load_error)?;
+        Ok(Entry {
             state: context.aggregate.0,
             version: context.current_sequence as u64,
-        }))
+            position: None,
+            cached: false,
+        })
+    }
+
+    /// The store's current version of an aggregate (one index lookup).
+    async fn current_version(&self, id: Uuid) -> Result<u64, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "SELECT max(sequence) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
+        )
+        .bind(A::TYPE)
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(version.unwrap_or(0) as u64)
+    }
+
+    /// `entry` if the store holds no later event, else the aggregate read afresh.
+    async fn confirmed(&self, id: Uuid, entry: Entry<A>) -> Result<Entry<A>, StoreError> {
+        if entry.cached && self.current_version(id).await? != entry.version {
+            return self.load_fresh(id).await;
+        }
+        Ok(Entry {
+            cached: false,
+            ..entry
+        })
+    }
+
+    /// Loads an aggregate's current state; `None` if it has no events.
+    pub async fn load(&self, id: Uuid) -> Result<Option<Loaded<A>>, StoreError> {
+        let entry = match self.take_cached(id) {
+            Some(entry) => self.confirmed(id, entry).await?,
+            None => self.load_fresh(id).await?,
+        };
+        if entry.version == 0 {
+            return Ok(None);
+        }
+        let loaded = Loaded {
+            state: entry.state.clone(),
+            version: entry.version,
+        };
+        self.keep(id, entry);
+        Ok(Some(loaded))
     }
 
     /// Decides `command` against aggregate `id` and appends its events.
@@ -227,28 +328,41 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
-        let aggregate_id = id.to_string();
         for attempt in 1..=self.settings.max_attempts.max(1) {
-            let context = self
-                .store
-                .load_aggregate(&aggregate_id)
-                .await
-                .map_err(|error| match classify(error) {
-                    Ok(_) => StoreError::Database("conflict while loading".into()),
-                    Err(error) => error,
-                })?;
-            let version = context.current_sequence as u64;
+            let mut entry = match self.take_cached(id) {
+                Some(entry) => entry,
+                None => self.load_fresh(id).await?,
+            };
             if let Some(expected) = expected_version {
-                if expected != version {
-                    return Ok(Err(Refusal::VersionMismatch { expected }));
+                if expected != entry.version {
+                    entry = self.confirmed(id, entry).await?;
+                    if expected != entry.version {
+                        self.keep(id, entry);
+                        return Ok(Err(Refusal::VersionMismatch { expected }));
+                    }
                 }
             }
-            let events = match context.aggregate.0.handle(command.clone()) {
+            let mut decision = entry.state.handle(command.clone());
+            if entry.cached && !matches!(&decision, Ok(events) if !events.is_empty()) {
+                // Only a successful append proves an entry current: confirm anything else.
+                entry = self.confirmed(id, entry).await?;
+                decision = entry.state.handle(command.clone());
+            }
+            let events = match decision {
                 Ok(events) => events,
-                Err(rule) => return Ok(Err(Refusal::Rule(rule))),
+                Err(rule) => {
+                    self.keep(id, entry);
+                    return Ok(Err(Refusal::Rule(rule)));
+                }
             };
             if events.is_empty() {
-                let position = self.position_of(&aggregate_id, version).await?;
+                let position = match entry.position {
+                    Some(position) => position,
+                    None => self.position_of(id, entry.version).await?,
+                };
+                entry.position = Some(position);
+                let version = entry.version;
+                self.keep(id, entry);
                 return Ok(Ok(Executed {
                     aggregate_id: id,
                     version,
@@ -256,12 +370,21 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                     appended: 0,
                 }));
             }
-            let appended = events.len();
-            let events = events.into_iter().map(Event).collect();
-            match self.store.commit(events, context, metadata.to_map()).await {
-                Ok(_) => {
-                    let version = version + appended as u64;
-                    let position = self.position_of(&aggregate_id, version).await?;
+            match self.append(id, entry.version, &events, metadata).await? {
+                Ok(position) => {
+                    let appended = events.len();
+                    let before = entry.version;
+                    for event in events {
+                        entry.state.apply(event);
+                    }
+                    entry.version += appended as u64;
+                    entry.position = Some(position);
+                    let every = self.settings.snapshot_every.max(1) as u64;
+                    if entry.version / every > before / every {
+                        self.snapshot(id, &entry).await;
+                    }
+                    let version = entry.version;
+                    self.keep(id, entry);
                     return Ok(Ok(Executed {
                         aggregate_id: id,
                         version,
@@ -269,29 +392,132 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                         appended,
                     }));
                 }
-                Err(error) => match classify(error)? {
-                    AppendFailure::Taken(key) => return Ok(Err(Refusal::Taken(key))),
-                    AppendFailure::Conflict => {
-                        if let Some(expected) = expected_version {
-                            return Ok(Err(Refusal::VersionMismatch { expected }));
-                        }
-                        tracing::debug!(
-                            aggregate_type = A::TYPE,
-                            %aggregate_id,
-                            attempt,
-                            "concurrent append, deciding again"
-                        );
-                        let jitter = rand::thread_rng().gen_range(0..=2u64 << attempt.min(6));
-                        tokio::time::sleep(Duration::from_millis(jitter)).await;
+                Err(AppendFailure::Taken(key)) => {
+                    self.keep(id, entry);
+                    return Ok(Err(Refusal::Taken(key)));
+                }
+                Err(AppendFailure::Conflict) => {
+                    // The entry is stale: drop it, and decide again on a fresh load.
+                    drop(entry);
+                    if let Some(expected) = expected_version {
+                        return Ok(Err(Refusal::VersionMismatch { expected }));
                     }
-                },
+                    tracing::debug!(
+                        aggregate_type = A::TYPE,
+                        aggregate_id = %id,
+                        attempt,
+                        "concurrent append, deciding again"
+                    );
+                    let jitter = rand::thread_rng().gen_range(0..=2u64 << attempt.min(6));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
             }
         }
         Ok(Err(Refusal::Contention))
     }
 
+    /// Appends `events` after `version` in one autocommitted statement; answers the
+    /// global position of the last one. The table's triggers stamp positions, claim
+    /// unique keys and extend the hash chain in the same statement.
+    async fn append(
+        &self,
+        id: Uuid,
+        version: u64,
+        events: &[A::Event],
+        metadata: &EventMetadata,
+    ) -> Result<Result<i64, AppendFailure>, StoreError> {
+        let metadata = serde_json::to_value(metadata.to_map())
+            .map_err(|error| StoreError::Database(Box::new(error)))?;
+        let mut payloads = Vec::with_capacity(events.len());
+        for event in events {
+            payloads.push(
+                serde_json::to_value(event)
+                    .map_err(|error| StoreError::Database(Box::new(error)))?,
+            );
+        }
+        let result = if let ([event], [payload]) = (events, payloads.as_slice()) {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO events \
+                     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position",
+            )
+            .bind(A::TYPE)
+            .bind(id.to_string())
+            .bind(version as i64 + 1)
+            .bind(event.event_type())
+            .bind(event.event_version())
+            .bind(payload)
+            .bind(&metadata)
+            .fetch_one(&self.pool)
+            .await
+        } else {
+            let sequences: Vec<i64> = (1..=events.len() as i64)
+                .map(|offset| version as i64 + offset)
+                .collect();
+            let types: Vec<&str> = events.iter().map(|event| event.event_type()).collect();
+            let versions: Vec<&str> = events.iter().map(|event| event.event_version()).collect();
+            sqlx::query_scalar::<_, i64>(
+                "WITH appended AS ( \
+                     INSERT INTO events \
+                         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                     SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, $7 \
+                     FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[]) \
+                         WITH ORDINALITY AS e(sequence, event_type, event_version, payload, n) \
+                     ORDER BY e.n \
+                     RETURNING position) \
+                 SELECT max(position) FROM appended",
+            )
+            .bind(A::TYPE)
+            .bind(id.to_string())
+            .bind(sequences)
+            .bind(types)
+            .bind(versions)
+            .bind(payloads)
+            .bind(&metadata)
+            .fetch_one(&self.pool)
+            .await
+        };
+        match result {
+            Ok(position) => Ok(Ok(position)),
+            Err(error) => classify_append(error).map(Err),
+        }
+    }
+
+    /// Records a snapshot of `entry` in postgres-es's table (one row per aggregate), so a
+    /// cold load replays at most `snapshot_every` events. A failure only costs a longer
+    /// load later: it is logged, not returned (the events are committed).
+    async fn snapshot(&self, id: Uuid, entry: &Entry<A>) {
+        let payload = match serde_json::to_value(&entry.state) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not serialisable");
+                return;
+            }
+        };
+        let every = self.settings.snapshot_every.max(1) as u64;
+        let result = sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                 SET last_sequence = EXCLUDED.last_sequence, \
+                     current_snapshot = EXCLUDED.current_snapshot, \
+                     payload = EXCLUDED.payload \
+                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
+        )
+        .bind(A::TYPE)
+        .bind(id.to_string())
+        .bind(entry.version as i64)
+        .bind((entry.version / every) as i64)
+        .bind(payload)
+        .execute(&self.pool)
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not recorded");
+        }
+    }
+
     /// The global position of the event at `sequence` of this aggregate (0 for none).
-    async fn position_of(&self, aggregate_id: &str, sequence: u64) -> Result<i64, StoreError> {
+    async fn position_of(&self, id: Uuid, sequence: u64) -> Result<i64, StoreError> {
         if sequence == 0 {
             return Ok(0);
         }
@@ -300,14 +526,12 @@ impl<A: domain::Aggregate> AggregateStore<A> {
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
         )
         .bind(A::TYPE)
-        .bind(aggregate_id)
+        .bind(id.to_string())
         .bind(sequence as i64)
         .fetch_optional(&self.pool)
         .await?;
         position.ok_or_else(|| {
-            StoreError::Corrupt(
-                format!("event {sequence} of {} {aggregate_id} is missing", A::TYPE).into(),
-            )
+            StoreError::Corrupt(format!("event {sequence} of {} {id} is missing", A::TYPE).into())
         })
     }
 }

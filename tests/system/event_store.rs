@@ -515,3 +515,174 @@ async fn a_refused_registration_leaves_no_key_claimed() {
         .unwrap()
         .expect("the e-mail of a refused registration is free");
 }
+
+#[tokio::test]
+async fn a_stale_aggregate_cache_never_decides_wrongly() {
+    // Two writers with their own caches, as two API instances would have.
+    let db = TestDb::new().await;
+    let a = db.commands(StoreSettings::default());
+    let b = db.commands(StoreSettings::default());
+    let product = ProductId::new();
+    let id = product.as_uuid();
+    a.products
+        .execute(
+            id,
+            create_product(product, "SKU-STALE", 0),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // B restocks behind A's back: A's cached copy still says "no stock".
+    b.products
+        .execute(id, restock(5), &metadata("b1"), None)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A refusal decided on the stale copy is confirmed against the store first.
+    let order = hindsight_domain::ids::OrderId::new();
+    let reserved = a
+        .products
+        .execute(
+            id,
+            ProductCommand::ReserveStock {
+                order_id: order,
+                quantity: Quantity::new(3).unwrap(),
+            },
+            &metadata("a1"),
+            None,
+        )
+        .await
+        .unwrap()
+        .expect("the reservation fits the stock B added");
+    assert_eq!(reserved.version, 3);
+
+    // B's copy is now stale: its append conflicts, it reloads and decides again.
+    let restocked = b
+        .products
+        .execute(id, restock(1), &metadata("b2"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restocked.version, 4);
+
+    // If-Match against A's stale copy: the current version is accepted, an old one is not.
+    let refused = a
+        .products
+        .execute(id, restock(1), &metadata("a2"), Some(3))
+        .await
+        .unwrap();
+    assert_eq!(refused, Err(Refusal::VersionMismatch { expected: 3 }));
+    let accepted = a
+        .products
+        .execute(id, restock(1), &metadata("a3"), Some(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted.version, 5);
+
+    // Both see the same, complete history; the stock is exactly what was decided.
+    for bus in [&a, &b] {
+        let loaded = bus.products.load(id).await.unwrap().unwrap();
+        assert_eq!(loaded.version, 5);
+        assert_eq!(loaded.state.stock_available(), 5 - 3 + 1 + 1);
+    }
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(id.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, (1..=5).collect::<Vec<i64>>());
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(id.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(accepted.position, positions[4]);
+}
+
+#[tokio::test]
+async fn commands_without_the_aggregate_cache_behave_the_same() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings {
+        cache_capacity: 0,
+        snapshot_every: 3,
+        ..StoreSettings::default()
+    });
+    let product = ProductId::new();
+    let id = product.as_uuid();
+    commands
+        .products
+        .execute(
+            id,
+            create_product(product, "SKU-NOCACHE", 1),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    for n in 0..7 {
+        commands
+            .products
+            .execute(id, restock(1), &metadata(&format!("r{n}")), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let loaded = commands.products.load(id).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.state.stock_available()), (8, 8));
+    let snapshots: Vec<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'product' AND aggregate_id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        snapshots,
+        vec![6],
+        "one row per aggregate, at the last multiple of 3"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_transaction_start_never_swallows_later_writes() {
+    // One pooled connection, so a connection left inside a transaction would be the one
+    // every later statement uses.
+    let db = TestDb::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(db.pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE cancelled_begins (n int PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for n in 0..200i32 {
+        // Cancel the start of a transaction at a different moment each time.
+        let wait = std::time::Duration::from_micros((n as u64 * 37) % 1_500);
+        let _ = tokio::time::timeout(wait, hindsight_commands::db::begin(&pool)).await;
+        sqlx::query("INSERT INTO cancelled_begins VALUES ($1)")
+            .bind(n)
+            .execute(&pool)
+            .await
+            .unwrap();
+        // Seen from another connection: the autocommitted row is committed.
+        let seen: Option<i32> = sqlx::query_scalar("SELECT n FROM cancelled_begins WHERE n = $1")
+            .bind(n)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Some(n),
+            "insert {n} ran inside a leftover transaction"
+        );
+    }
+}
