@@ -1,0 +1,127 @@
+//! Baselines measured in the same run as the figures they scale: what Postgres alone does
+//! on this machine, through the same driver, at the same concurrency.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::load::{closed_loop, Outcome, Sample};
+
+/// A table shaped like the event store's, without its triggers and extra indexes.
+const RAW_EVENTS: &str = "CREATE TABLE IF NOT EXISTS bench_raw_events (
+    aggregate_type text NOT NULL,
+    aggregate_id text NOT NULL,
+    sequence bigint NOT NULL,
+    event_type text NOT NULL,
+    event_version text NOT NULL,
+    payload jsonb NOT NULL,
+    metadata jsonb NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, sequence))";
+
+async fn pool(url: &str, connections: usize) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(connections as u32)
+        .min_connections(connections as u32)
+        .connect(url)
+        .await?)
+}
+
+/// Single-row inserts of an event-sized row, each its own transaction (so each waits for
+/// its commit to be flushed, as an appended event does), from `clients` connections.
+pub async fn raw_inserts(
+    url: &str,
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Sample> {
+    let pool = pool(url, clients).await?;
+    sqlx::query(RAW_EVENTS).execute(&pool).await?;
+    let payload = json!({"ProductRestocked": {"quantity": 1}});
+    let metadata = json!({
+        "actor_id": Uuid::now_v7().to_string(),
+        "actor_role": "admin",
+        "request_id": Uuid::new_v4().to_string(),
+        "correlation_id": Uuid::new_v4().to_string(),
+        "causation_id": Uuid::new_v4().to_string(),
+    });
+    let run = Uuid::new_v4();
+    let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
+        let pool = pool.clone();
+        let payload = payload.clone();
+        let metadata = metadata.clone();
+        async move {
+            let result = sqlx::query(
+                "INSERT INTO bench_raw_events \
+                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                 VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4)",
+            )
+            .bind(format!("{run}-{client}"))
+            .bind(iteration as i64 + 1)
+            .bind(payload)
+            .bind(metadata)
+            .execute(&pool)
+            .await;
+            match result {
+                Ok(_) => Outcome::Ok(None),
+                Err(error) => Outcome::Failed(error.to_string()),
+            }
+        }
+    })
+    .await;
+    Ok(sample)
+}
+
+/// Point reads of one product row by primary key from the read model's table.
+pub async fn raw_point_reads(
+    url: &str,
+    clients: usize,
+    products: Vec<Uuid>,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Sample> {
+    let pool = pool(url, clients).await?;
+    let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
+        let pool = pool.clone();
+        let id = products[(client * 7919 + iteration as usize) % products.len()];
+        async move {
+            let result = sqlx::query("SELECT * FROM product_views WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&pool)
+                .await;
+            match result {
+                Ok(Some(_)) => Outcome::Ok(None),
+                Ok(None) => Outcome::Failed("no such product row".into()),
+                Err(error) => Outcome::Failed(error.to_string()),
+            }
+        }
+    })
+    .await;
+    Ok(sample)
+}
+
+/// Reads every stored event in position order, in keyset batches of 5,000: the floor of
+/// any replay.
+pub async fn raw_event_scan(url: &str) -> Result<(u64, f64)> {
+    let pool = pool(url, 1).await?;
+    let started = std::time::Instant::now();
+    let mut after = 0i64;
+    let mut count = 0u64;
+    loop {
+        let rows: Vec<(i64, String, String, serde_json::Value, serde_json::Value)> =
+            sqlx::query_as(
+                "SELECT position, aggregate_id, event_type, payload, metadata FROM events \
+             WHERE position > $1 ORDER BY position LIMIT 5000",
+            )
+            .bind(after)
+            .fetch_all(&pool)
+            .await?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        count += rows.len() as u64;
+    }
+    Ok((count, started.elapsed().as_secs_f64()))
+}

@@ -1,0 +1,251 @@
+//! Hindsight's benchmark harness.
+//!
+//! It starts the real `hindsight` binary against the local Postgres and NATS (a database
+//! and a JetStream stream of its own per run, dropped afterwards), drives it over HTTP with
+//! many concurrent connections, measures every figure next to a baseline taken in the same
+//! run (raw Postgres inserts and reads through the same driver), repeats the whole run
+//! several times and writes the medians to `BENCHMARKS.md`. It is not part of `cargo test`
+//! and asserts nothing: a missed target is reported, not failed.
+//!
+//! Run it with `scripts/bench` (which builds in release mode first).
+
+mod baseline;
+mod client;
+mod load;
+mod report;
+mod scenarios;
+mod seed;
+mod server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sqlx::{Connection, PgConnection};
+
+use crate::scenarios::{Figures, Settings};
+use crate::server::Environment;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hindsight-bench",
+    about = "Measure Hindsight and write BENCHMARKS.md"
+)]
+struct Args {
+    /// How many times every scenario runs (the report quotes medians).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Length of each measured phase.
+    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    duration: Duration,
+    /// Unmeasured warm-up before each closed-loop phase.
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    warmup: Duration,
+    /// Events stored on the long-history aggregate of scenario 2.
+    #[arg(long, default_value_t = 10_000)]
+    history_events: u64,
+    /// Events seeded for the rebuild scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    rebuild_events: u64,
+    /// Products in the catalogue of the read scenario.
+    #[arg(long, default_value_t = 1_000)]
+    read_products: usize,
+    /// Skip the rebuild scenario (it seeds a large history).
+    #[arg(long)]
+    skip_rebuild: bool,
+    /// Skip scenarios 1, 2, 3, 5 and 6.
+    #[arg(long)]
+    only_rebuild: bool,
+    /// A Postgres URL whose user can create databases.
+    #[arg(
+        long,
+        env = "HINDSIGHT_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The `hindsight` binary (default: next to this one).
+    #[arg(long)]
+    hindsight: Option<PathBuf>,
+    /// Where the report goes.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    output: PathBuf,
+    /// Where server logs go (default: a `bench` folder beside the binary).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 0.001)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else if let Some(m) = text.strip_suffix('m') {
+        (m, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 10s, 500ms or 2m"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("`{text}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let here = std::env::current_exe()?;
+    let dir = here
+        .parent()
+        .context("the harness binary has no folder")?
+        .to_path_buf();
+    let hindsight = args
+        .hindsight
+        .clone()
+        .unwrap_or_else(|| dir.join("hindsight"));
+    if !hindsight.exists() {
+        anyhow::bail!(
+            "{} does not exist: build it first (`cargo build --release -p hindsight-api`), or use scripts/bench",
+            hindsight.display()
+        );
+    }
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| dir.join("bench"));
+    std::fs::create_dir_all(&work_dir)?;
+    let env = Environment {
+        postgres_url: args.postgres_url.clone(),
+        nats_url: args.nats_url.clone(),
+        hindsight,
+        work_dir,
+    };
+    let settings = Settings {
+        warmup: args.warmup,
+        duration: args.duration,
+        history_events: args.history_events,
+        rebuild_events: args.rebuild_events,
+        read_products: args.read_products,
+    };
+    let machine = machine(&env).await?;
+    for (name, value) in &machine {
+        eprintln!("bench: {name}: {value}");
+    }
+
+    let mut runs: Vec<Figures> = vec![Figures::new(); args.runs];
+    if !args.only_rebuild {
+        for (index, figures) in runs.iter_mut().enumerate() {
+            eprintln!("bench: run {} of {}", index + 1, args.runs);
+            figures.extend(scenarios::run(&env, &settings, index + 1).await?);
+        }
+    }
+    if !args.skip_rebuild {
+        eprintln!(
+            "bench: rebuild scenario ({} events)",
+            settings.rebuild_events
+        );
+        let rebuilds = scenarios::rebuild(&env, &settings, args.runs).await?;
+        for (figures, rebuild) in runs.iter_mut().zip(rebuilds) {
+            figures.extend(rebuild);
+        }
+    }
+
+    let described = vec![
+        ("Runs".to_owned(), args.runs.to_string()),
+        (
+            "Phases".to_owned(),
+            format!(
+                "{} s measured after {} s of warm-up; closed loops for maximum rates, open loops (latency counted from each request's due time) for latency at a fixed rate",
+                settings.duration.as_secs_f64(),
+                settings.warmup.as_secs_f64()
+            ),
+        ),
+        (
+            "Server".to_owned(),
+            format!(
+                "release build, defaults of .env.example except HINDSIGHT_RATE_LIMITS=off and RUST_LOG={}; the harness, the server, Postgres and NATS share the machine",
+                std::env::var("HINDSIGHT_BENCH_LOG").unwrap_or_else(|_| "info".into())
+            ),
+        ),
+    ];
+    let section = report::section(&machine, &described, &runs);
+    let existing = std::fs::read_to_string(&args.output).ok();
+    std::fs::write(&args.output, report::merge(existing.as_deref(), &section))
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!("bench: wrote {}", args.output.display());
+    Ok(())
+}
+
+/// What the figures were measured on.
+async fn machine(env: &Environment) -> Result<Vec<(String, String)>> {
+    let mut facts = Vec::new();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|line| line.starts_with("model name"))
+        .and_then(|line| line.split_once(':'))
+        .map_or("unknown".to_owned(), |(_, model)| model.trim().to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    facts.push((
+        "CPU".to_owned(),
+        format!("{model}, {cores} cores available"),
+    ));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(total) = meminfo.lines().find(|line| line.starts_with("MemTotal")) {
+        let kib: f64 = total
+            .split_whitespace()
+            .nth(1)
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or(0.0);
+        facts.push((
+            "Memory".to_owned(),
+            format!("{:.1} GiB", kib / 1024.0 / 1024.0),
+        ));
+    }
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    facts.push(("Kernel".to_owned(), format!("Linux {}", kernel.trim())));
+
+    let mut postgres = PgConnection::connect(&env.postgres_url)
+        .await
+        .context("connecting to Postgres (is it running? scripts/services.sh up starts it)")?;
+    let mut settings = Vec::new();
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "shared_buffers",
+        "max_connections",
+    ] {
+        let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&mut postgres)
+            .await?;
+        settings.push(format!("{name}={value}"));
+    }
+    facts.push(("PostgreSQL".to_owned(), settings.join(", ")));
+    let nats = async_nats::connect(&env.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {} (is it running?)", env.nats_url))?;
+    let info = nats.server_info();
+    facts.push((
+        "NATS".to_owned(),
+        format!("{} (JetStream: {})", info.version, info.jetstream),
+    ));
+    let revision = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+    if let Some(revision) = revision {
+        facts.push(("Revision".to_owned(), revision));
+    }
+    facts.push((
+        "Date".to_owned(),
+        chrono::Utc::now().format("%Y-%m-%d").to_string(),
+    ));
+    Ok(facts)
+}

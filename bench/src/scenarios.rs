@@ -1,0 +1,745 @@
+//! The six scenarios. Each run starts a fresh database, stream and server; the rebuild
+//! scenario seeds its own history once and rebuilds it once per run.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::future::try_join_all;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::baseline;
+use crate::client::Api;
+use crate::load::{closed_loop, open_loop, quantile, Outcome, Sample};
+use crate::seed;
+use crate::server::{self, Database, Environment, Memory, Server};
+
+/// Figures of one run, by key.
+pub type Figures = BTreeMap<String, f64>;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub history_events: u64,
+    pub rebuild_events: u64,
+    pub read_products: usize,
+}
+
+const PASSWORD: &str = "bench-password-123";
+const WRITE_PRODUCTS: usize = 64;
+const CUSTOMERS: usize = 32;
+/// The projection whose progress the lag scenario watches.
+const PRODUCTS: &str = "products";
+/// The read models `serve` keeps (the order process has no read model).
+const READ_MODELS: [&str; 5] = ["users", "products", "orders", "sales", "audit_trail"];
+
+fn log(message: impl AsRef<str>) {
+    eprintln!("bench: {}", message.as_ref());
+}
+
+fn put(figures: &mut Figures, key: impl Into<String>, value: f64) {
+    figures.insert(key.into(), value);
+}
+
+fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
+    put(figures, format!("{key}.rate"), sample.rate());
+    put(figures, format!("{key}.p50"), sample.quantile_ms(0.50));
+    put(figures, format!("{key}.p99"), sample.quantile_ms(0.99));
+    put(figures, format!("{key}.failed"), sample.failed as f64);
+    put(figures, format!("{key}.refused"), sample.refused as f64);
+    let mut line = format!(
+        "{key}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {} ok, {} refused, {} failed",
+        sample.rate(),
+        sample.quantile_ms(0.5),
+        sample.quantile_ms(0.99),
+        sample.ok,
+        sample.refused,
+        sample.failed
+    );
+    if let Some(failure) = &sample.first_failure {
+        line.push_str(&format!(" (first failure: {failure})"));
+    }
+    if let Some(refusal) = &sample.first_refusal {
+        line.push_str(&format!(" (first refusal: {refusal})"));
+    }
+    log(line);
+}
+
+/// What a run set up: an admin, products to write to, customers.
+struct Fixture {
+    api: Api,
+    admin: String,
+    products: Arc<Vec<Uuid>>,
+    customers: Arc<Vec<String>>,
+    pool: PgPool,
+}
+
+/// One run of scenarios 1, 2, 3, 5 and 6 on a fresh system.
+pub async fn run(env: &Environment, settings: &Settings, index: usize) -> Result<Figures> {
+    let label = format!("run{index}");
+    let database = Database::create(env, &label).await?;
+    let result = async {
+        let server = Server::start(env, &database, &label, &[]).await?;
+        let stream = server.stream.clone();
+        let result = run_on(env, settings, &database, &server).await;
+        let stopped = server.stop().await;
+        server::delete_stream(&env.nats_url, &stream).await.ok();
+        let figures = result?;
+        stopped?;
+        Ok(figures)
+    }
+    .await;
+    database.drop_now().await.ok();
+    result
+}
+
+async fn run_on(
+    env: &Environment,
+    settings: &Settings,
+    database: &Database,
+    server: &Server,
+) -> Result<Figures> {
+    let _ = env;
+    let mut figures = Figures::new();
+    let fixture = setup(database, server).await?;
+    wait_idle(&fixture.pool).await?;
+
+    let idle = server.memory().unwrap_or_default();
+    put(&mut figures, "s6.idle_rss_mb", mb(idle.rss));
+    let sampler = MemorySampler::start(server);
+    writes(settings, database, &fixture, &mut figures).await?;
+    let peak = sampler.stop(server);
+    put(&mut figures, "s6.peak_rss_mb", mb(peak));
+    log(format!(
+        "peak RSS during writes: {:.1} MB (idle {:.1} MB)",
+        mb(peak),
+        mb(idle.rss)
+    ));
+    wait_idle(&fixture.pool).await?;
+
+    lag(settings, database, &fixture, &mut figures).await?;
+    wait_idle(&fixture.pool).await?;
+    history(settings, &fixture, &mut figures).await?;
+    wait_idle(&fixture.pool).await?;
+    reads(settings, database, &fixture, &mut figures).await?;
+    Ok(figures)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn setup(database: &Database, server: &Server) -> Result<Fixture> {
+    let api = Api::new(&server.base_url)?;
+    server
+        .cli(
+            &[
+                "user",
+                "create",
+                "--email",
+                "admin@bench.example",
+                "--name",
+                "Bench Admin",
+                "--role",
+                "admin",
+            ],
+            Some(PASSWORD),
+        )
+        .await?;
+    let admin = api.login("admin@bench.example", PASSWORD).await?;
+    let products = try_join_all((0..WRITE_PRODUCTS).map(|i| {
+        let (api, admin) = (api.clone(), admin.clone());
+        async move {
+            api.create_product(
+                &admin,
+                &format!("BENCH-W{i}"),
+                &format!("Write target {i}"),
+                "A product the write scenarios restock and order",
+                1_000 + i as i64,
+                1_000_000_000,
+            )
+            .await
+            .map(|(id, _)| id)
+        }
+    }))
+    .await?;
+    let customers = try_join_all((0..CUSTOMERS).map(|i| {
+        let api = api.clone();
+        async move {
+            let email = format!("customer{i}@bench.example");
+            api.register(&email, PASSWORD, &format!("Customer {i}"))
+                .await?;
+            api.login(&email, PASSWORD).await
+        }
+    }))
+    .await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&database.url)
+        .await?;
+    Ok(Fixture {
+        api,
+        admin,
+        products: Arc::new(products),
+        customers: Arc::new(customers),
+        pool,
+    })
+}
+
+/// Waits until every projection has applied every stored event (and so the order process
+/// has made every decision): a phase's background work must not bleed into the next.
+async fn wait_idle(pool: &PgPool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM projection_checkpoints \
+             WHERE position < (SELECT coalesce(max(position), 0) FROM events)",
+        )
+        .fetch_one(pool)
+        .await?;
+        let failed: Option<String> = sqlx::query_scalar(
+            "SELECT name || ': ' || coalesce(last_error, '') FROM projection_checkpoints \
+             WHERE status = 'failed' LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await?;
+        if let Some(failed) = failed {
+            bail!("a projection failed during the benchmark: {failed}");
+        }
+        if behind == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("projections did not catch up within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Scenario 1 (and the memory of scenario 6): restocks and order placements at 8 and 32
+/// clients, against raw single-row inserts at the same concurrency.
+async fn writes(
+    settings: &Settings,
+    database: &Database,
+    fixture: &Fixture,
+    figures: &mut Figures,
+) -> Result<()> {
+    for clients in [8usize, 32] {
+        let raw = baseline::raw_inserts(&database.url, clients, settings.warmup, settings.duration)
+            .await?;
+        put_sample(figures, &format!("s1.raw_insert.{clients}"), &raw);
+
+        let (api, admin, products) = (
+            fixture.api.clone(),
+            fixture.admin.clone(),
+            Arc::clone(&fixture.products),
+        );
+        let restocks = closed_loop(
+            clients,
+            settings.warmup,
+            settings.duration,
+            move |client, i| {
+                let (api, admin) = (api.clone(), admin.clone());
+                let product = products[(client * 2 + i as usize) % products.len()];
+                async move { api.restock(&admin, product, 1).await }
+            },
+        )
+        .await;
+        put_sample(figures, &format!("s1.restock.{clients}"), &restocks);
+
+        let (api, customers, products) = (
+            fixture.api.clone(),
+            Arc::clone(&fixture.customers),
+            Arc::clone(&fixture.products),
+        );
+        let orders = closed_loop(
+            clients,
+            settings.warmup,
+            settings.duration,
+            move |client, i| {
+                let api = api.clone();
+                let token = customers[client % customers.len()].clone();
+                let product = products[(client * 2 + i as usize) % products.len()];
+                async move { api.place_order(&token, product, 1).await }
+            },
+        )
+        .await;
+        put_sample(figures, &format!("s1.order.{clients}"), &orders);
+        wait_idle(&fixture.pool).await?;
+    }
+    Ok(())
+}
+
+/// Scenario 3: restocks at a steady rate; for each, the time from its acknowledgement to
+/// the products read model having applied its position (the read model's own commit
+/// notification, which is what `min_position` reads wait on).
+async fn lag(
+    settings: &Settings,
+    database: &Database,
+    fixture: &Fixture,
+    figures: &mut Figures,
+) -> Result<()> {
+    let max = figures.get("s1.restock.32.rate").copied().unwrap_or(0.0);
+    let rate = (max / 2.0).clamp(10.0, 1_000.0);
+    put(figures, "s3.rate", rate);
+
+    let mut listener = PgListener::connect(&database.url).await?;
+    listener
+        .listen(hindsight_projections_channel())
+        .await
+        .context("listening for projection progress")?;
+    let applied: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
+    let recorder = {
+        let applied = Arc::clone(&applied);
+        tokio::spawn(async move {
+            while let Ok(notification) = listener.recv().await {
+                let at = Instant::now();
+                if let Some((name, position)) = notification.payload().rsplit_once(':') {
+                    if name == PRODUCTS {
+                        if let (Ok(position), Ok(mut applied)) = (position.parse(), applied.lock())
+                        {
+                            applied.push((at, position));
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let acked: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
+    let (api, admin, products, acks) = (
+        fixture.api.clone(),
+        fixture.admin.clone(),
+        Arc::clone(&fixture.products),
+        Arc::clone(&acked),
+    );
+    let commands = open_loop(rate, 32, settings.duration, move |k| {
+        let (api, admin, acks) = (api.clone(), admin.clone(), Arc::clone(&acks));
+        let product = products[k as usize % products.len()];
+        async move {
+            let outcome = api.restock(&admin, product, 1).await;
+            if let Outcome::Ok(Some(position)) = outcome {
+                if let Ok(mut acks) = acks.lock() {
+                    acks.push((Instant::now(), position));
+                }
+            }
+            outcome
+        }
+    })
+    .await;
+    wait_idle(&fixture.pool).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    recorder.abort();
+    put_sample(figures, "s3.command", &commands);
+
+    let applied = applied.lock().map(|a| a.clone()).unwrap_or_default();
+    let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    // The notifications arrive in commit order, so positions only grow along the list;
+    // keep a running maximum to be safe against reordering.
+    let mut running = i64::MIN;
+    let frontier: Vec<(Instant, i64)> = applied
+        .into_iter()
+        .map(|(at, position)| {
+            running = running.max(position);
+            (at, running)
+        })
+        .collect();
+    let mut lags: Vec<u32> = Vec::with_capacity(acked.len());
+    let mut unseen = 0u64;
+    for (acked_at, position) in &acked {
+        let index = frontier.partition_point(|(_, applied)| applied < position);
+        match frontier.get(index) {
+            Some((seen_at, _)) => lags.push(
+                u32::try_from(seen_at.saturating_duration_since(*acked_at).as_micros())
+                    .unwrap_or(u32::MAX),
+            ),
+            None => unseen += 1,
+        }
+    }
+    lags.sort_unstable();
+    let p50 = quantile(&lags, 0.50) as f64 / 1000.0;
+    let p99 = quantile(&lags, 0.99) as f64 / 1000.0;
+    put(figures, "s3.lag.p50", p50);
+    put(figures, "s3.lag.p99", p99);
+    put(figures, "s3.lag.unseen", unseen as f64);
+    log(format!(
+        "projection lag at {rate:.0} commands/s: p50 {p50:.2} ms, p99 {p99:.2} ms over {} commands ({unseen} never seen)",
+        lags.len()
+    ));
+    Ok(())
+}
+
+fn hindsight_projections_channel() -> &'static str {
+    // The channel the projection workers notify their progress on.
+    "hindsight_projections"
+}
+
+/// Scenario 2: a command's latency on an aggregate with 10,000 events against one with 10.
+async fn history(settings: &Settings, fixture: &Fixture, figures: &mut Figures) -> Result<()> {
+    let api = &fixture.api;
+    let admin = &fixture.admin;
+    let (long, _) = api
+        .create_product(
+            admin,
+            "BENCH-LONG",
+            "Long history",
+            "Restocked many times",
+            500,
+            0,
+        )
+        .await?;
+    let (short, _) = api
+        .create_product(
+            admin,
+            "BENCH-SHORT",
+            "Short history",
+            "Restocked a few times",
+            500,
+            0,
+        )
+        .await?;
+    for _ in 1..10 {
+        expect_ok(api.restock(admin, short, 1).await)?;
+    }
+    let target = settings.history_events.saturating_sub(1);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    try_join_all((0..4).map(|_| {
+        let (api, admin, done) = (api.clone(), admin.clone(), Arc::clone(&done));
+        async move {
+            while done.load(Ordering::Relaxed) < target {
+                match api.restock(&admin, long, 1).await {
+                    Outcome::Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Outcome::Refused(_) => {}
+                    Outcome::Failed(why) => bail!("building the long history: {why}"),
+                }
+            }
+            Ok(())
+        }
+    }))
+    .await?;
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'product' AND aggregate_id = $1",
+    )
+    .bind(long.to_string())
+    .fetch_one(&fixture.pool)
+    .await?;
+    log(format!(
+        "long history: {events} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    put(figures, "s2.long_events", events as f64);
+    wait_idle(&fixture.pool).await?;
+
+    // One client, alternating, so both see the same machine at the same moments.
+    let (api, admin) = (fixture.api.clone(), fixture.admin.clone());
+    let long_sample = Arc::new(Mutex::new(Vec::new()));
+    let short_sample = Arc::new(Mutex::new(Vec::new()));
+    let (l, s) = (Arc::clone(&long_sample), Arc::clone(&short_sample));
+    let both = closed_loop(1, settings.warmup, settings.duration, move |_, i| {
+        let (api, admin) = (api.clone(), admin.clone());
+        let (l, s) = (Arc::clone(&l), Arc::clone(&s));
+        async move {
+            let (product, into) = if i % 2 == 0 { (long, l) } else { (short, s) };
+            let sent = Instant::now();
+            let outcome = api.restock(&admin, product, 1).await;
+            if let Ok(mut into) = into.lock() {
+                into.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+            }
+            outcome
+        }
+    })
+    .await;
+    if both.failed > 0 {
+        bail!("history commands failed: {:?}", both.first_failure);
+    }
+    // The warm-up's requests are in the lists too; drop as many as were not measured.
+    for (name, list) in [("long", &long_sample), ("short", &short_sample)] {
+        let mut values = list.lock().map(|v| v.clone()).unwrap_or_default();
+        let skip = values.len().saturating_sub(both.count() / 2);
+        values.drain(..skip);
+        values.sort_unstable();
+        let p50 = quantile(&values, 0.50) as f64 / 1000.0;
+        let p99 = quantile(&values, 0.99) as f64 / 1000.0;
+        put(figures, format!("s2.{name}.p50"), p50);
+        put(figures, format!("s2.{name}.p99"), p99);
+        log(format!(
+            "history {name}: p50 {p50:.2} ms, p99 {p99:.2} ms over {}",
+            values.len()
+        ));
+    }
+    Ok(())
+}
+
+fn expect_ok(outcome: Outcome) -> Result<()> {
+    match outcome {
+        Outcome::Ok(_) => Ok(()),
+        other => bail!("a setup command failed: {other:?}"),
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "oak", "linen", "copper", "walnut", "wool", "stone", "glass", "cedar", "brass", "clay",
+    "maple", "slate", "cotton", "birch", "iron", "amber",
+];
+
+/// The filtered listing of scenario 5.
+pub const LISTING: &str = "status=active&min_price=1000&max_price=20000&sort=price&limit=20";
+
+/// Scenario 5: single-product GETs and a filtered listing at 32 connections; the maximum
+/// rate (closed loop), then the latency at half of it (open loop).
+async fn reads(
+    settings: &Settings,
+    database: &Database,
+    fixture: &Fixture,
+    figures: &mut Figures,
+) -> Result<()> {
+    let (api, admin) = (&fixture.api, &fixture.admin);
+    let chunk = settings.read_products.div_ceil(16);
+    let created = try_join_all((0..16).map(|worker| {
+        let (api, admin) = (api.clone(), admin.clone());
+        async move {
+            let mut ids = Vec::with_capacity(chunk);
+            for i in worker * chunk..((worker + 1) * chunk).min(settings.read_products) {
+                let name = format!("{} {} {i}", WORDS[i % 16], WORDS[(i / 16) % 16]);
+                let description = format!(
+                    "Made of {} and {}",
+                    WORDS[(i * 7) % 16],
+                    WORDS[(i * 3) % 16]
+                );
+                let price = 100 + (i as i64 * 7_919) % 50_000;
+                let (id, _) = api
+                    .create_product(
+                        &admin,
+                        &format!("BENCH-R{i}"),
+                        &name,
+                        &description,
+                        price,
+                        100,
+                    )
+                    .await?;
+                ids.push(id);
+            }
+            anyhow::Ok(ids)
+        }
+    }))
+    .await?;
+    let ids: Arc<Vec<Uuid>> = Arc::new(created.into_iter().flatten().collect());
+    wait_idle(&fixture.pool).await?;
+
+    let raw = baseline::raw_point_reads(
+        &database.url,
+        32,
+        ids.to_vec(),
+        settings.warmup,
+        settings.duration,
+    )
+    .await?;
+    put_sample(figures, "s5.raw_get.32", &raw);
+
+    let get = |api: Api, ids: Arc<Vec<Uuid>>| {
+        move |k: usize| {
+            let api = api.clone();
+            let id = ids[(k * 7_919) % ids.len()];
+            async move { api.get_product(id).await }
+        }
+    };
+    let one = get(api.clone(), Arc::clone(&ids));
+    let max_get = closed_loop(32, settings.warmup, settings.duration, move |client, i| {
+        one(client * 1_000_003 + i as usize)
+    })
+    .await;
+    put_sample(figures, "s5.get_max.32", &max_get);
+
+    let list_api = api.clone();
+    let max_list = closed_loop(32, settings.warmup, settings.duration, move |_, _| {
+        let api = list_api.clone();
+        async move { api.list_products(LISTING).await }
+    })
+    .await;
+    put_sample(figures, "s5.list_max.32", &max_list);
+
+    let one = get(api.clone(), Arc::clone(&ids));
+    let half_get = open_loop(max_get.rate() / 2.0, 32, settings.duration, move |k| {
+        one(k as usize)
+    })
+    .await;
+    put_sample(figures, "s5.get_half.32", &half_get);
+
+    let list_api = api.clone();
+    let half_list = open_loop(max_list.rate() / 2.0, 32, settings.duration, move |_| {
+        let api = list_api.clone();
+        async move { api.list_products(LISTING).await }
+    })
+    .await;
+    put_sample(figures, "s5.list_half.32", &half_list);
+    Ok(())
+}
+
+/// Polls a process's memory while a phase runs, keeping the largest resident size.
+struct MemorySampler {
+    peak: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MemorySampler {
+    fn start(server: &Server) -> Self {
+        let peak = Arc::new(AtomicU64::new(0));
+        let pid = server.pid();
+        let task = {
+            let peak = Arc::clone(&peak);
+            tokio::spawn(async move {
+                loop {
+                    if let Some(memory) = pid.and_then(server::memory_of) {
+                        peak.fetch_max(memory.peak.max(memory.rss), Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        Self { peak, task }
+    }
+
+    /// Stops sampling; the answer includes the kernel's own high-water mark.
+    fn stop(self, server: &Server) -> u64 {
+        self.task.abort();
+        let Memory { peak, .. } = server.memory().unwrap_or_default();
+        self.peak.load(Ordering::Relaxed).max(peak)
+    }
+}
+
+/// Scenario 4: a history of `rebuild_events` events seeded once, served until every read
+/// model is live, then rebuilt with `hindsight projections rebuild --all` once per run.
+pub async fn rebuild(env: &Environment, settings: &Settings, runs: usize) -> Result<Vec<Figures>> {
+    let database = Database::create(env, "rebuild").await?;
+    let result = rebuild_on(env, settings, runs, &database).await;
+    database.drop_now().await.ok();
+    result
+}
+
+async fn rebuild_on(
+    env: &Environment,
+    settings: &Settings,
+    runs: usize,
+    database: &Database,
+) -> Result<Vec<Figures>> {
+    let config = server::Config::new(env, database, "rebuild", &[]);
+    config.cli(env, &["migrate"], None).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&database.url)
+        .await?;
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let seeded = seed::seed(&pool, settings.rebuild_events, |written| {
+        if last_report.elapsed() > Duration::from_secs(5) {
+            log(format!("seeded {written} events"));
+            last_report = Instant::now();
+        }
+    })
+    .await?;
+    let seed_seconds = started.elapsed().as_secs_f64();
+    log(format!("seeded {seeded} events in {seed_seconds:.1} s"));
+    config
+        .cli(env, &["events", "check"], None)
+        .await
+        .context("the seeded history does not read back")?;
+
+    // The seeded orders went through their whole life already: the order process has no
+    // decision left to make about them.
+    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
+        .fetch_one(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name, position, status) VALUES ('order_process', $1, 'live') \
+         ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position",
+    )
+    .bind(head)
+    .execute(&pool)
+    .await?;
+
+    let started = Instant::now();
+    let server = Server::start_with(env, config.clone()).await?;
+    let caught_up = async {
+        let deadline = Instant::now() + Duration::from_secs(1_800);
+        loop {
+            let behind: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM unnest($1::text[]) AS m(name) \
+                 LEFT JOIN projection_checkpoints c USING (name) \
+                 WHERE coalesce(c.position, 0) < $2",
+            )
+            .bind(READ_MODELS.map(str::to_owned).to_vec())
+            .bind(head)
+            .fetch_one(&pool)
+            .await?;
+            if behind == 0 {
+                return anyhow::Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the read models did not catch up with the seeded history in 30 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    .await;
+    let catch_up_seconds = started.elapsed().as_secs_f64();
+    let stream = server.stream.clone();
+    server.stop().await?;
+    server::delete_stream(&env.nats_url, &stream).await.ok();
+    caught_up?;
+    log(format!(
+        "live read models caught up with {seeded} events in {catch_up_seconds:.1} s"
+    ));
+
+    let mut all = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let mut figures = Figures::new();
+        put(&mut figures, "s4.events", seeded as f64);
+        put(&mut figures, "s4.seed_rate", seeded as f64 / seed_seconds);
+        put(
+            &mut figures,
+            "s4.catch_up_rate",
+            seeded as f64 / catch_up_seconds,
+        );
+
+        let (scanned, scan_seconds) = baseline::raw_event_scan(&database.url).await?;
+        put(
+            &mut figures,
+            "s4.raw_scan_rate",
+            scanned as f64 / scan_seconds,
+        );
+
+        let (seconds, memory) = config
+            .timed_cli(env, &["projections", "rebuild", "--all"])
+            .await?;
+        let rate = seeded as f64 / seconds;
+        put(&mut figures, "s4.rate", rate);
+        put(
+            &mut figures,
+            "s4.per_model_rate",
+            rate * READ_MODELS.len() as f64,
+        );
+        put(&mut figures, "s4.seconds", seconds);
+        put(&mut figures, "s4.peak_rss_mb", mb(memory.peak));
+        put(&mut figures, "s4.early_rss_mb", mb(memory.early));
+        put(&mut figures, "s4.late_rss_mb", mb(memory.late));
+        log(format!(
+            "rebuild {}: {seeded} events into {} read models in {seconds:.1} s ({rate:.0} events/s; raw scan {:.0}/s); RSS early {:.1} MB, late {:.1} MB, peak {:.1} MB",
+            run + 1,
+            READ_MODELS.len(),
+            scanned as f64 / scan_seconds,
+            mb(memory.early),
+            mb(memory.late),
+            mb(memory.peak),
+        ));
+        all.push(figures);
+    }
+    Ok(all)
+}

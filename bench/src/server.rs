@@ -1,0 +1,442 @@
+//! The system under test: a throw-away database and JetStream stream, and the real
+//! `hindsight` binary serving on a free loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use rand::RngCore;
+use sqlx::{Connection, PgConnection};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+
+/// Where the services are and which binary to run.
+#[derive(Debug, Clone)]
+pub struct Environment {
+    /// A Postgres URL whose database can `CREATE DATABASE`.
+    pub postgres_url: String,
+    pub nats_url: String,
+    pub hindsight: PathBuf,
+    /// Logs of the started servers go here.
+    pub work_dir: PathBuf,
+}
+
+/// A database created for one benchmark run and dropped afterwards.
+#[derive(Debug)]
+pub struct Database {
+    pub name: String,
+    pub url: String,
+    postgres_url: String,
+}
+
+impl Database {
+    pub async fn create(env: &Environment, label: &str) -> Result<Self> {
+        let name = format!("hindsight_bench_{label}_{}", std::process::id());
+        let mut admin = PgConnection::connect(&env.postgres_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to Postgres at {} (is it running? scripts/services.sh up starts it)",
+                    redact(&env.postgres_url)
+                )
+            })?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        Ok(Self {
+            url: with_database(&env.postgres_url, &name),
+            name,
+            postgres_url: env.postgres_url.clone(),
+        })
+    }
+
+    pub async fn drop_now(self) -> Result<()> {
+        let mut admin = PgConnection::connect(&self.postgres_url).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn secret() -> String {
+    let mut bytes = [0u8; 48];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// How a `hindsight` process of one benchmark database is configured.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub label: String,
+    pub stream: String,
+    vars: Vec<(String, String)>,
+}
+
+impl Config {
+    pub fn new(
+        env: &Environment,
+        database: &Database,
+        label: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let stream = format!("bench_{label}_{}", std::process::id());
+        let mut vars: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), database.url.clone()),
+            ("NATS_URL".into(), env.nats_url.clone()),
+            ("HINDSIGHT_NATS_STREAM".into(), stream.clone()),
+            ("HINDSIGHT_NATS_SUBJECT_PREFIX".into(), stream.clone()),
+            ("HINDSIGHT_NATS_MAX_AGE".into(), "2h".into()),
+            ("HINDSIGHT_JWT_SECRET".into(), secret()),
+            ("HINDSIGHT_AUDIT_KEY".into(), secret()),
+            ("HINDSIGHT_ACCESS_TOKEN_TTL".into(), "4h".into()),
+            ("HINDSIGHT_RATE_LIMITS".into(), "off".into()),
+            ("HINDSIGHT_LOG_FORMAT".into(), "json".into()),
+            (
+                "RUST_LOG".into(),
+                std::env::var("HINDSIGHT_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        ];
+        for (key, value) in extra {
+            vars.retain(|(k, _)| k != key);
+            vars.push(((*key).to_owned(), (*value).to_owned()));
+        }
+        Self {
+            label: label.to_owned(),
+            stream,
+            vars,
+        }
+    }
+
+    fn set(&mut self, key: &str, value: String) {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_owned(), value));
+    }
+
+    /// Runs a `hindsight` subcommand with this configuration; answers its output.
+    pub async fn cli(
+        &self,
+        env: &Environment,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String> {
+        run_cli(&env.hindsight, &self.vars, args, stdin).await
+    }
+
+    /// Runs a `hindsight` subcommand, sampling its memory; answers how long it took.
+    pub async fn timed_cli(
+        &self,
+        env: &Environment,
+        args: &[&str],
+    ) -> Result<(f64, ProcessMemory)> {
+        let log = env
+            .work_dir
+            .join(format!("{}-{}.log", self.label, args.join("-")));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let started = Instant::now();
+        let mut child = Command::new(&env.hindsight)
+            .args(args)
+            .env_clear()
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", env.hindsight.display()))?;
+        let pid = child.id();
+        let mut samples: Vec<(f64, u64)> = Vec::new();
+        let mut peak = 0u64;
+        let status = loop {
+            if let Some(memory) = pid.and_then(memory_of) {
+                samples.push((started.elapsed().as_secs_f64(), memory.rss));
+                peak = peak.max(memory.peak);
+            }
+            tokio::select! {
+                status = child.wait() => break status?,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!(
+                "`hindsight {}` failed ({status}); its log:\n{}",
+                args.join(" "),
+                tail(&log)
+            );
+        }
+        let largest = |from: f64, to: f64| {
+            samples
+                .iter()
+                .filter(|(at, _)| *at >= from * seconds && *at <= to * seconds)
+                .map(|(_, rss)| *rss)
+                .max()
+                .unwrap_or(0)
+        };
+        Ok((
+            seconds,
+            ProcessMemory {
+                peak: peak.max(largest(0.0, 1.0)),
+                early: largest(0.0, 0.25),
+                late: largest(0.75, 1.0),
+            },
+        ))
+    }
+}
+
+/// Memory of a process over its life, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessMemory {
+    pub peak: u64,
+    /// The largest resident size in the first quarter of its run time.
+    pub early: u64,
+    /// The largest resident size in the last quarter.
+    pub late: u64,
+}
+
+/// A running `hindsight serve`.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pub base_url: String,
+    pub stream: String,
+    pub log: PathBuf,
+    config: Config,
+    hindsight: PathBuf,
+}
+
+/// Resident memory of a process, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    pub rss: u64,
+    /// The peak resident size so far (VmHWM).
+    pub peak: u64,
+}
+
+impl Server {
+    /// Migrates `database` and starts serving it; waits for `/health/ready`.
+    pub async fn start(
+        env: &Environment,
+        database: &Database,
+        label: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Self> {
+        let config = Config::new(env, database, label, extra);
+        config.cli(env, &["migrate"], None).await?;
+        Self::start_with(env, config).await
+    }
+
+    /// Starts serving with `config` on a free port; waits for `/health/ready`.
+    pub async fn start_with(env: &Environment, mut config: Config) -> Result<Self> {
+        let port = free_port()?;
+        config.set("HINDSIGHT_LISTEN_ADDR", format!("127.0.0.1:{port}"));
+        let log = env.work_dir.join(format!("{}-server.log", config.label));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(&env.hindsight)
+            .arg("serve")
+            .env_clear()
+            .envs(config.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", env.hindsight.display()))?;
+        let mut server = Self {
+            child,
+            base_url: format!("http://127.0.0.1:{port}"),
+            stream: config.stream.clone(),
+            log,
+            config,
+            hindsight: env.hindsight.clone(),
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "hindsight exited with {status} while starting; its log:\n{}",
+                    tail(&self.log)
+                );
+            }
+            let url = format!("{}/health/ready", self.base_url);
+            if let Ok(response) = http.get(&url).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "hindsight was not ready within 2 minutes; its log:\n{}",
+                    tail(&self.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a `hindsight` subcommand with the server's configuration.
+    pub async fn cli(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        run_cli(&self.hindsight, &self.config.vars, args, stdin).await
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn memory(&self) -> Option<Memory> {
+        self.child.id().and_then(memory_of)
+    }
+
+    /// SIGTERM, then waits for the graceful shutdown (SIGKILL after 30 s).
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => self.child.kill().await?,
+        }
+        Ok(())
+    }
+}
+
+/// Runs `hindsight <args>` to completion and returns its standard output.
+pub async fn run_cli(
+    hindsight: &Path,
+    vars: &[(String, String)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String> {
+    let mut child = Command::new(hindsight)
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", hindsight.display()))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await?;
+        pipe.write_all(b"\n").await?;
+    }
+    let output = child.wait_with_output().await?;
+    if !output.status.success() {
+        bail!(
+            "`hindsight {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Resident and peak resident memory of process `pid`, from `/proc`.
+pub fn memory_of(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        peak: field("VmHWM:")?,
+    })
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Deletes the JetStream stream a server used.
+pub async fn delete_stream(nats_url: &str, stream: &str) -> Result<()> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+    let jetstream = async_nats::jetstream::new(client);
+    match jetstream.delete_stream(stream).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.to_string().contains("not found") => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_name_is_replaced_keeping_the_query() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "x"),
+            "postgres://u:p@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+        assert_eq!(redact("postgres://u:p@h/db"), "postgres://***@h/db");
+    }
+}
