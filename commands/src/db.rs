@@ -107,10 +107,9 @@ pub async fn begin(
     pool: &PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let pool = pool.clone();
-    match tokio::spawn(async move { pool.begin().await }).await {
-        Ok(result) => result,
-        Err(error) => Err(sqlx::Error::WorkerCrashed).inspect_err(|_| {
-            tracing::error!(%error, "the task starting a transaction failed");
-        }),
-    }
+    // The task only fails if `begin` panicked (already reported) or the runtime is
+    // shutting down.
+    tokio::spawn(async move { pool.begin().await })
+        .await
+        .unwrap_or(Err(sqlx::Error::WorkerCrashed))
 }
