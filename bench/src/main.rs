@@ -37,10 +37,10 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Length of each measured phase.
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     duration: Duration,
     /// Unmeasured warm-up before each closed-loop phase.
-    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "2s", value_parser = positive_duration)]
     warmup: Duration,
     /// Events stored on the long-history aggregate of scenario 2.
     #[arg(long, default_value_t = 10_000)]
@@ -77,25 +77,15 @@ struct Args {
     work_dir: Option<PathBuf>,
 }
 
-fn humantime_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
-        (ms, 0.001)
-    } else if let Some(s) = text.strip_suffix('s') {
-        (s, 1.0)
-    } else if let Some(m) = text.strip_suffix('m') {
-        (m, 60.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration such as 10s, 500ms or 2m"))?;
-    if !(value.is_finite() && value > 0.0) {
-        return Err(format!("`{text}` must be positive"));
+/// A duration such as `10s`, `500ms` or `2m`; zero is refused.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        Ok(_) => Err(format!("`{text}` must be positive")),
+        Err(error) => Err(format!(
+            "`{text}` is not a duration such as 10s, 500ms or 2m: {error}"
+        )),
     }
-    Ok(Duration::from_secs_f64(value * scale))
 }
 
 #[tokio::main]

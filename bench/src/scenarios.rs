@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::future::try_join_all;
+use hindsight_projections::rebuild::rebuildable;
+use hindsight_projections::worker::PROGRESS_CHANNEL;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -35,8 +37,11 @@ const WRITE_PRODUCTS: usize = 64;
 const CUSTOMERS: usize = 32;
 /// The projection whose progress the lag scenario watches.
 const PRODUCTS: &str = "products";
-/// The read models `serve` keeps (the order process has no read model).
-const READ_MODELS: [&str; 5] = ["users", "products", "orders", "sales", "audit_trail"];
+
+/// The read models `serve` keeps and `rebuild --all` rebuilds (the order process has none).
+fn read_models() -> Vec<String> {
+    rebuildable().into_iter().map(str::to_owned).collect()
+}
 
 fn log(message: impl AsRef<str>) {
     eprintln!("bench: {}", message.as_ref());
@@ -86,7 +91,7 @@ pub async fn run(env: &Environment, settings: &Settings, index: usize) -> Result
     let result = async {
         let server = Server::start(env, &database, &label, &[]).await?;
         let stream = server.stream.clone();
-        let result = run_on(env, settings, &database, &server).await;
+        let result = run_on(settings, &database, &server).await;
         let stopped = server.stop().await;
         server::delete_stream(&env.nats_url, &stream).await.ok();
         let figures = result?;
@@ -98,13 +103,7 @@ pub async fn run(env: &Environment, settings: &Settings, index: usize) -> Result
     result
 }
 
-async fn run_on(
-    env: &Environment,
-    settings: &Settings,
-    database: &Database,
-    server: &Server,
-) -> Result<Figures> {
-    let _ = env;
+async fn run_on(settings: &Settings, database: &Database, server: &Server) -> Result<Figures> {
     let mut figures = Figures::new();
     let fixture = setup(database, server).await?;
     wait_idle(&fixture.pool).await?;
@@ -290,7 +289,7 @@ async fn lag(
 
     let mut listener = PgListener::connect(&database.url).await?;
     listener
-        .listen(hindsight_projections_channel())
+        .listen(PROGRESS_CHANNEL)
         .await
         .context("listening for projection progress")?;
     let applied: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
@@ -372,11 +371,6 @@ async fn lag(
         lags.len()
     ));
     Ok(())
-}
-
-fn hindsight_projections_channel() -> &'static str {
-    // The channel the projection workers notify their progress on.
-    "hindsight_projections"
 }
 
 /// Scenario 2: a command's latency on an aggregate with 10,000 events against one with 10.
@@ -675,7 +669,7 @@ async fn rebuild_on(
                  LEFT JOIN projection_checkpoints c USING (name) \
                  WHERE coalesce(c.position, 0) < $2",
             )
-            .bind(READ_MODELS.map(str::to_owned).to_vec())
+            .bind(read_models())
             .bind(head)
             .fetch_one(&pool)
             .await?;
@@ -724,7 +718,7 @@ async fn rebuild_on(
         put(
             &mut figures,
             "s4.per_model_rate",
-            rate * READ_MODELS.len() as f64,
+            rate * read_models().len() as f64,
         );
         put(&mut figures, "s4.seconds", seconds);
         put(&mut figures, "s4.peak_rss_mb", mb(memory.peak));
@@ -733,7 +727,7 @@ async fn rebuild_on(
         log(format!(
             "rebuild {}: {seeded} events into {} read models in {seconds:.1} s ({rate:.0} events/s; raw scan {:.0}/s); RSS early {:.1} MB, late {:.1} MB, peak {:.1} MB",
             run + 1,
-            READ_MODELS.len(),
+            read_models().len(),
             scanned as f64 / scan_seconds,
             mb(memory.early),
             mb(memory.late),

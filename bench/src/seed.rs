@@ -315,62 +315,30 @@ pub async fn seed(pool: &PgPool, events: u64, mut on_progress: impl FnMut(u64)) 
             .state
             .total()
             .context("a confirmed order has a total")?;
-        let outcome: Option<bool> = match fate {
-            // Paid and shipped: reservations committed.
-            0..=5 => {
-                let paying = EventMetadata::for_request(buyer, request());
-                value(
-                    writer
-                        .decide(
-                            &mut order,
-                            order_id.as_uuid(),
-                            OrderCommand::Pay { amount: total },
-                            &paying,
-                        )
-                        .await?,
-                )?;
-                let shipping = EventMetadata::for_request(admin, request());
-                value(
-                    writer
-                        .decide(
-                            &mut order,
-                            order_id.as_uuid(),
-                            OrderCommand::Ship,
-                            &shipping,
-                        )
-                        .await?,
-                )?;
-                Some(true)
-            }
-            // Paid, not shipped yet.
-            6 | 7 => {
-                let paying = EventMetadata::for_request(buyer, request());
-                value(
-                    writer
-                        .decide(
-                            &mut order,
-                            order_id.as_uuid(),
-                            OrderCommand::Pay { amount: total },
-                            &paying,
-                        )
-                        .await?,
-                )?;
-                None
-            }
-            // Cancelled by the customer: reservations released.
-            8 => {
-                let cancelling = EventMetadata::for_request(buyer, request());
-                let cancel = OrderCommand::Cancel {
-                    reason: Some("changed my mind".into()),
-                };
-                value(
-                    writer
-                        .decide(&mut order, order_id.as_uuid(), cancel, &cancelling)
-                        .await?,
-                )?;
-                Some(false)
-            }
-            // Confirmed, waiting for payment.
+        // 0-5: paid and shipped (reservations committed); 6-7: paid, not shipped yet;
+        // 8: cancelled by the customer (reservations released); 9: awaiting payment.
+        let mut steps = Vec::with_capacity(2);
+        if fate <= 7 {
+            steps.push((buyer, OrderCommand::Pay { amount: total }));
+        }
+        if fate <= 5 {
+            steps.push((admin, OrderCommand::Ship));
+        }
+        if fate == 8 {
+            let reason = Some("changed my mind".to_owned());
+            steps.push((buyer, OrderCommand::Cancel { reason }));
+        }
+        for (actor, command) in steps {
+            let metadata = EventMetadata::for_request(actor, request());
+            value(
+                writer
+                    .decide(&mut order, order_id.as_uuid(), command, &metadata)
+                    .await?,
+            )?;
+        }
+        let outcome = match fate {
+            0..=5 => Some(true),
+            8 => Some(false),
             _ => None,
         };
         if let Some(commit) = outcome {

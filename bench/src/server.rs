@@ -170,15 +170,10 @@ impl Config {
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let started = Instant::now();
-        let mut child = Command::new(&env.hindsight)
-            .args(args)
-            .env_clear()
-            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        let mut child = hindsight(&env.hindsight, &self.vars, args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", env.hindsight.display()))?;
         let pid = child.id();
@@ -271,15 +266,10 @@ impl Server {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(&env.hindsight)
-            .arg("serve")
-            .env_clear()
-            .envs(config.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
+        let child = hindsight(&env.hindsight, &config.vars, &["serve"])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", env.hindsight.display()))?;
         let mut server = Self {
@@ -351,6 +341,18 @@ impl Server {
     }
 }
 
+/// `hindsight <args>` with exactly `vars` as its environment (plus `PATH`).
+fn hindsight(binary: &Path, vars: &[(String, String)], args: &[&str]) -> Command {
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .kill_on_drop(true);
+    command
+}
+
 /// Runs `hindsight <args>` to completion and returns its standard output.
 pub async fn run_cli(
     hindsight: &Path,
@@ -358,11 +360,7 @@ pub async fn run_cli(
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String> {
-    let mut child = Command::new(hindsight)
-        .args(args)
-        .env_clear()
-        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let mut child = self::hindsight(hindsight, vars, args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
