@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgRow;
-use sqlx::{PgExecutor, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
@@ -86,7 +86,9 @@ impl StoredEvent {
 
     /// Deserialises the payload as a domain event enum (e.g. `UserEvent`).
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, EventDecodeError> {
-        serde_json::from_value(self.payload.clone()).map_err(|source| EventDecodeError::Payload {
+        // Read through a reference: every read model decodes every event it folds, and
+        // cloning the payload first cost more than the decoding.
+        E::deserialize(&self.payload).map_err(|source| EventDecodeError::Payload {
             position: self.position,
             event_type: self.event_type.clone(),
             event_version: self.event_version.clone(),
@@ -95,25 +97,71 @@ impl StoredEvent {
     }
 }
 
-/// Reads committed events with `after < position <= up_to`, in position order.
+/// Reads committed events with `after < position <= up_to`, in position order, at most
+/// `limit` of them.
 ///
 /// Only call this with an `up_to` the relay has already published (or that is otherwise
 /// known to be complete): above the relay's checkpoint a transaction may still commit an
 /// event into a gap.
-pub async fn read_events<'e>(
-    executor: impl PgExecutor<'e>,
+///
+/// The range is read in windows of about twice the events still wanted. Asked for the
+/// first rows of a long range, Postgres picks an ordered walk of the position index only
+/// when its statistics say the range is long; with stale statistics (a freshly loaded or
+/// never analysed store) it sorts the whole range for every batch instead, which made a
+/// replay of a million events quadratic. A window bounds that cost whatever the
+/// statistics say; an empty stretch of positions is skipped with one index probe.
+pub async fn read_events(
+    pool: &PgPool,
     after: i64,
     up_to: i64,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, EventDecodeError> {
-    let rows = sqlx::query(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3"
-    ))
-    .bind(after)
-    .bind(up_to)
-    .bind(limit)
-    .fetch_all(executor)
-    .await?;
-    rows.iter().map(StoredEvent::from_row).collect()
+    read_events_on(&mut *pool.acquire().await?, after, up_to, limit).await
+}
+
+/// [`read_events`] on a given connection, e.g. inside a transaction.
+pub async fn read_events_on(
+    connection: &mut PgConnection,
+    after: i64,
+    up_to: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, EventDecodeError> {
+    let mut events = Vec::new();
+    let mut from = after;
+    while from < up_to {
+        let wanted = limit - events.len() as i64;
+        if wanted <= 0 {
+            break;
+        }
+        let to = from
+            .saturating_add(wanted.saturating_mul(2).max(1_024))
+            .min(up_to);
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3"
+        ))
+        .bind(from)
+        .bind(to)
+        .bind(wanted)
+        .fetch_all(&mut *connection)
+        .await?;
+        for row in &rows {
+            events.push(StoredEvent::from_row(row)?);
+        }
+        if rows.len() as i64 == wanted || to >= up_to {
+            break;
+        }
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT min(position) FROM events WHERE position > $1 AND position <= $2",
+        )
+        .bind(to)
+        .bind(up_to)
+        .fetch_one(&mut *connection)
+        .await?;
+        match next {
+            Some(next) => from = next - 1,
+            None => break,
+        }
+    }
+    Ok(events)
 }

@@ -202,11 +202,10 @@ impl EventMetadata {
 
     /// Parses the JSON object stored in the `metadata` column.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, MetadataError> {
-        let map: HashMap<String, String> =
-            serde_json::from_value(value.clone()).map_err(|_| MetadataError {
-                field: "metadata",
-                problem: "not an object of strings",
-            })?;
+        let map = HashMap::<String, String>::deserialize(value).map_err(|_| MetadataError {
+            field: "metadata",
+            problem: "not an object of strings",
+        })?;
         Self::from_map(&map)
     }
 }

@@ -686,3 +686,51 @@ async fn a_cancelled_transaction_start_never_swallows_later_writes() {
         );
     }
 }
+
+#[tokio::test]
+async fn reading_events_crosses_gaps_and_keeps_limits_and_bounds() {
+    use hindsight_commands::event::read_events;
+    let db = TestDb::new().await;
+    let mut connection = db.pool.acquire().await.unwrap();
+    // Runs of events separated by stretches of unused positions, one far longer than any
+    // window the reader asks for.
+    let mut positions = Vec::new();
+    for (run, gap) in [(3, 0_i64), (4, 50), (2, 5_000_000), (3, 1)] {
+        if gap > 0 {
+            sqlx::query(
+                "SELECT setval('events_position_seq', nextval('events_position_seq') + $1)",
+            )
+            .bind(gap)
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        }
+        for _ in 0..run {
+            let id = format!("gap-{}", positions.len());
+            positions
+                .push(hindsight_tests::append_raw_event(&mut connection, &id, 1, "Seen").await);
+        }
+    }
+    drop(connection);
+    let read = |after: i64, up_to: i64, limit: i64| {
+        let pool = db.pool.clone();
+        async move {
+            read_events(&pool, after, up_to, limit)
+                .await
+                .unwrap()
+                .iter()
+                .map(|event| event.position)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(read(0, i64::MAX, i64::MAX).await, positions);
+    assert_eq!(read(0, i64::MAX, 5).await, positions[..5]);
+    assert_eq!(read(positions[6], i64::MAX, 3).await, positions[7..10]);
+    assert_eq!(read(positions[2], positions[8], 100).await, positions[3..9]);
+    assert_eq!(
+        read(positions[8], positions[8], 100).await,
+        Vec::<i64>::new()
+    );
+    let last = *positions.last().unwrap();
+    assert_eq!(read(last, i64::MAX, 100).await, Vec::<i64>::new());
+}
