@@ -148,8 +148,8 @@ pub async fn projection_status(args: DatabaseArgs, name: String) -> anyhow::Resu
     Ok(())
 }
 
-/// `hindsight projections rebuild NAME | --all`: a progress bar on a terminal, plain
-/// lines otherwise.
+/// `hindsight projections rebuild NAME | --all`: a progress bar per projection on a
+/// terminal, plain lines otherwise. `--all` replays the history once for every read model.
 pub async fn rebuild_projections(
     args: DatabaseArgs,
     name: Option<String>,
@@ -164,54 +164,81 @@ pub async fn rebuild_projections(
     } else {
         name.into_iter().collect()
     };
-    let pool = pool(&args);
+    // One connection per copy being filled, two for the readers, two to keep track.
+    let pool = db::pool(
+        args.database_url.connect_options(),
+        args.db_max_connections.min(names.len() as u32 + 4),
+    );
     db::migrate(&pool)
         .await
         .context("applying database migrations (check DATABASE_URL)")?;
-    let terminal = std::io::stderr().is_terminal();
-    for name in names {
-        let bar = terminal.then(|| {
-            let bar = indicatif::ProgressBar::new(0);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>12} [{bar:40}] {pos}/{len} events, {per_sec}, {eta} left",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(name.clone());
-            bar
-        });
-        let report = hindsight_projections::rebuild::rebuild(&pool, &name, |progress| match &bar {
-            Some(bar) => {
-                bar.set_length(progress.target.max(0) as u64);
-                bar.set_position(progress.position.max(0) as u64);
-            }
-            None => eprintln!(
-                "{name}: {} events replayed, at position {} of {}, {:.0} events/s",
-                progress.events_done,
-                progress.position,
-                progress.target,
-                progress.events_per_second
-            ),
-        })
+    let rebuild = hindsight_projections::rebuild::start_many(&pool, &names)
         .await
-        .with_context(|| format!("rebuilding {name}"))?;
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        eprintln!(
-            "{name}: rebuilt from {} events in {:.1} s, now live",
-            report.events, report.seconds
-        );
-        for difference in &report.differences {
-            eprintln!(
-                "{name}: {} differed from the rebuild: {} rows only in the old model, {} only in the rebuilt one",
-                difference.table, difference.only_live, difference.only_rebuilt
-            );
+        .with_context(|| format!("starting the rebuild of {}", names.join(", ")))?;
+    let bars = std::io::stderr().is_terminal().then(|| {
+        let bars = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>12} [{bar:40}] {pos}/{len} events, {per_sec}, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let each: std::collections::HashMap<&'static str, indicatif::ProgressBar> = rebuild
+            .names()
+            .into_iter()
+            .map(|name| {
+                let bar = bars.add(indicatif::ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(name);
+                (name, bar)
+            })
+            .collect();
+        (bars, each)
+    });
+    let outcomes = rebuild
+        .run(
+            |name, progress| match bars.as_ref().and_then(|(_, each)| each.get(name)) {
+                Some(bar) => {
+                    bar.set_length(progress.target.max(0) as u64);
+                    bar.set_position(progress.position.max(0) as u64);
+                }
+                None => eprintln!(
+                    "{name}: {} events replayed, at position {} of {}, {:.0} events/s",
+                    progress.events_done,
+                    progress.position,
+                    progress.target,
+                    progress.events_per_second
+                ),
+            },
+        )
+        .await;
+    if let Some((bars, _)) = bars {
+        bars.clear().ok();
+    }
+    let mut failed = Vec::new();
+    for (name, outcome) in outcomes {
+        match outcome {
+            Ok(report) => {
+                eprintln!(
+                    "{name}: rebuilt from {} events in {:.1} s, now live",
+                    report.events, report.seconds
+                );
+                for difference in &report.differences {
+                    eprintln!(
+                        "{name}: {} differed from the rebuild: {} rows only in the old model, {} only in the rebuilt one",
+                        difference.table, difference.only_live, difference.only_rebuilt
+                    );
+                }
+            }
+            Err(error) => {
+                eprintln!("{name}: the rebuild failed, the old model stays live: {error}");
+                failed.push(name);
+            }
         }
     }
     pool.close().await;
+    if !failed.is_empty() {
+        anyhow::bail!("rebuilding {} failed", failed.join(", "));
+    }
     Ok(())
 }
 

@@ -1,20 +1,27 @@
-//! Zero-downtime rebuilds of a read model.
+//! Zero-downtime rebuilds of read models.
 //!
-//! The event store is replayed, in large ordered batches, into a copy of the read model's
+//! The event store is replayed, in large ordered batches, into a copy of each read model's
 //! tables (`<table>_rebuild`, created `LIKE` the live ones) while the live tables keep
-//! serving queries and following the stream. When the copy has caught up with the live
-//! checkpoint, one transaction locks the checkpoint row (so the live worker pauses between
-//! batches), applies the last few events to the copy, compares copy and live table by
-//! table, and renames the copy into place. Queries wait at most for that rename. A
-//! rebuild killed half-way leaves the live tables untouched; the next one drops the
-//! leftover copy and starts again. One rebuild per projection runs at a time.
+//! serving queries and following the stream. Several projections rebuilt together share
+//! one reading of the history: each batch is read and decoded once and applied to every
+//! copy by a task of its own, on a connection of its own. The copies' secondary indexes
+//! are built once, after the replay. When a copy has caught up with its live checkpoint,
+//! one transaction locks the checkpoint row (so the live worker pauses between batches),
+//! applies the last few events to the copy, compares copy and live table by table, and
+//! renames the copy into place. Queries wait at most for that rename. A rebuild killed
+//! half-way leaves the live tables untouched; the next one drops the leftover copy and
+//! starts again. One rebuild per projection runs at a time.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hindsight_commands::event::read_events;
+use hindsight_commands::event::{read_events, read_events_on, EventDecodeError};
+use hindsight_commands::StoredEvent;
 use serde::Serialize;
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -33,6 +40,11 @@ pub enum RebuildError {
     Events(#[from] hindsight_commands::event::EventDecodeError),
     #[error("replaying into the copy failed: {0}")]
     Apply(#[from] ApplyError),
+    /// What stopped the shared replay of several projections, for each of them.
+    #[error(transparent)]
+    Shared(Arc<RebuildError>),
+    #[error("the rebuild was interrupted")]
+    Interrupted,
 }
 
 /// How far a rebuild is.
@@ -62,6 +74,13 @@ pub struct Report {
 
 /// Events replayed per transaction.
 const BATCH: i64 = 5_000;
+
+/// Batches read ahead of the slowest copy: with [`READERS`], what bounds a rebuild's
+/// memory.
+const READ_AHEAD: usize = 2;
+
+/// Batches read from the store at once.
+const READERS: usize = 2;
 
 /// The live model and a copy writing to the rebuild tables, for a rebuildable projection.
 fn pair(name: &str) -> Option<(Arc<dyn ReadModel>, Arc<dyn ReadModel>)> {
@@ -103,19 +122,40 @@ async fn live_position(pool: &PgPool, name: &str) -> Result<i64, sqlx::Error> {
     Ok(position.unwrap_or(0))
 }
 
-/// A rebuild that holds its projection's rebuild lock and is ready to run.
-pub struct Rebuild {
-    pool: PgPool,
+fn rate(events: u64, started: Instant) -> f64 {
+    events as f64 / started.elapsed().as_secs_f64().max(1e-6)
+}
+
+/// One projection being rebuilt: its live model, the copy filling the rebuild tables, and
+/// the connection that holds its rebuild lock.
+struct Target {
     name: &'static str,
     live: Arc<dyn ReadModel>,
     copy: Arc<dyn ReadModel>,
-    guard: sqlx::PgConnection,
+    guard: PgConnection,
+}
+
+impl Target {
+    /// Each live table with the copy that replaces it.
+    fn tables(&self) -> Vec<(String, String)> {
+        self.live
+            .tables()
+            .into_iter()
+            .zip(self.copy.tables())
+            .collect()
+    }
+}
+
+/// Rebuilds that hold their projections' rebuild locks and are ready to run.
+pub struct Rebuild {
+    pool: PgPool,
+    targets: Vec<Target>,
 }
 
 impl std::fmt::Debug for Rebuild {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rebuild")
-            .field("name", &self.name)
+            .field("names", &self.names())
             .finish_non_exhaustive()
     }
 }
@@ -123,54 +163,103 @@ impl std::fmt::Debug for Rebuild {
 /// Takes the rebuild lock of projection `name` (one rebuild per projection at a time)
 /// and records the rebuild as running.
 pub async fn start(pool: &PgPool, name: &str) -> Result<Rebuild, RebuildError> {
-    let (live, copy) = pair(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
-    let name = live.name();
-    let guard =
-        hindsight_commands::db::try_session_lock(pool, &format!("hindsight-rebuild:{name}"))
-            .await?
-            .ok_or_else(|| RebuildError::AlreadyRunning(name.to_owned()))?;
-    sqlx::query(
-        "INSERT INTO projection_rebuilds (name, status) VALUES ($1, 'running') \
-         ON CONFLICT (name) DO UPDATE SET status = 'running', target = 0, position = 0, \
-             events_done = 0, differences = NULL, error = NULL, started_at = now(), \
-             updated_at = now(), finished_at = NULL",
-    )
-    .bind(name)
-    .execute(pool)
-    .await?;
+    start_many(pool, &[name]).await
+}
+
+/// Takes the rebuild locks of several projections, all or none, and records their
+/// rebuilds as running. Running them together reads and decodes the history once for
+/// all of them.
+pub async fn start_many<S: AsRef<str>>(
+    pool: &PgPool,
+    names: &[S],
+) -> Result<Rebuild, RebuildError> {
+    let mut models: Vec<(Arc<dyn ReadModel>, Arc<dyn ReadModel>)> = Vec::new();
+    for name in names {
+        let name = name.as_ref();
+        let (live, copy) = pair(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+        if models.iter().all(|(known, _)| known.name() != live.name()) {
+            models.push((live, copy));
+        }
+    }
+    let mut targets: Vec<Target> = Vec::with_capacity(models.len());
+    for (live, copy) in models {
+        let name = live.name();
+        let lock =
+            hindsight_commands::db::try_session_lock(pool, &format!("hindsight-rebuild:{name}"))
+                .await;
+        let guard = match lock {
+            Ok(Some(guard)) => guard,
+            Ok(None) | Err(_) => {
+                for target in targets {
+                    target.guard.close().await.ok();
+                }
+                return Err(match lock {
+                    Err(error) => error.into(),
+                    Ok(_) => RebuildError::AlreadyRunning(name.to_owned()),
+                });
+            }
+        };
+        targets.push(Target {
+            name,
+            live,
+            copy,
+            guard,
+        });
+    }
+    for target in &targets {
+        sqlx::query(
+            "INSERT INTO projection_rebuilds (name, status) VALUES ($1, 'running') \
+             ON CONFLICT (name) DO UPDATE SET status = 'running', target = 0, position = 0, \
+                 events_done = 0, differences = NULL, error = NULL, started_at = now(), \
+                 updated_at = now(), finished_at = NULL",
+        )
+        .bind(target.name)
+        .execute(pool)
+        .await?;
+    }
     Ok(Rebuild {
         pool: pool.clone(),
-        name,
-        live,
-        copy,
-        guard,
+        targets,
     })
 }
 
 impl Rebuild {
-    /// Runs the rebuild, calling `on_progress` after every batch, and records the outcome.
+    /// The projections this rebuild covers, in the order their outcomes come.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.targets.iter().map(|target| target.name).collect()
+    }
+
+    /// Runs the rebuilds, calling `on_progress` with a projection's name after each of its
+    /// batches, and records each outcome. One projection failing does not stop the others.
     pub async fn run(
         self,
-        mut on_progress: impl FnMut(Progress) + Send,
-    ) -> Result<Report, RebuildError> {
-        let (pool, name) = (&self.pool, self.name);
-        let result = run(pool, name, &*self.live, &*self.copy, &mut on_progress).await;
-        let (status, error, differences) = match &result {
-            Ok(report) => ("done", None, serde_json::to_value(&report.differences).ok()),
-            Err(error) => ("failed", Some(error.to_string()), None),
-        };
-        sqlx::query(
-            "UPDATE projection_rebuilds SET status = $2, error = $3, differences = $4, \
-                    finished_at = now(), updated_at = now() WHERE name = $1",
-        )
-        .bind(name)
-        .bind(status)
-        .bind(error)
-        .bind(differences)
-        .execute(pool)
-        .await?;
-        self.guard.close().await.ok();
-        result
+        mut on_progress: impl FnMut(&'static str, Progress) + Send,
+    ) -> Vec<(&'static str, Result<Report, RebuildError>)> {
+        let Rebuild { pool, targets } = self;
+        let outcomes = run(&pool, &targets, &mut on_progress).await;
+        let mut answered = Vec::with_capacity(targets.len());
+        for (target, mut outcome) in targets.into_iter().zip(outcomes) {
+            let (status, error, differences) = match &outcome {
+                Ok(report) => ("done", None, serde_json::to_value(&report.differences).ok()),
+                Err(error) => ("failed", Some(error.to_string()), None),
+            };
+            let recorded = sqlx::query(
+                "UPDATE projection_rebuilds SET status = $2, error = $3, differences = $4, \
+                        finished_at = now(), updated_at = now() WHERE name = $1",
+            )
+            .bind(target.name)
+            .bind(status)
+            .bind(error)
+            .bind(differences)
+            .execute(&pool)
+            .await;
+            if let (Err(error), Ok(_)) = (recorded, &outcome) {
+                outcome = Err(error.into());
+            }
+            target.guard.close().await.ok();
+            answered.push((target.name, outcome));
+        }
+        answered
     }
 }
 
@@ -178,21 +267,77 @@ impl Rebuild {
 pub async fn rebuild(
     pool: &PgPool,
     name: &str,
-    on_progress: impl FnMut(Progress) + Send,
+    mut on_progress: impl FnMut(Progress) + Send,
 ) -> Result<Report, RebuildError> {
-    start(pool, name).await?.run(on_progress).await
+    let rebuild = start(pool, name).await?;
+    rebuild
+        .run(|_, progress| on_progress(progress))
+        .await
+        .pop()
+        .map_or_else(
+            || Err(RebuildError::Unknown(name.to_owned())),
+            |(_, outcome)| outcome,
+        )
 }
 
+/// How far a copy got in the shared replay.
+#[derive(Debug, Clone, Copy)]
+struct Replayed {
+    position: i64,
+    events: u64,
+}
+
+/// Creates every copy, replays the history once into all of them, then builds each copy's
+/// deferred indexes and swaps it in. Answers one outcome per target, in order.
 async fn run(
     pool: &PgPool,
-    name: &str,
-    live: &dyn ReadModel,
-    copy: &dyn ReadModel,
-    on_progress: &mut (impl FnMut(Progress) + Send),
-) -> Result<Report, RebuildError> {
+    targets: &[Target],
+    on_progress: &mut (impl FnMut(&'static str, Progress) + Send),
+) -> Vec<Result<Report, RebuildError>> {
     let started = Instant::now();
-    let tables: Vec<(String, String)> = live.tables().into_iter().zip(copy.tables()).collect();
-    for (live_table, copy_table) in &tables {
+    let mut prepared = Vec::with_capacity(targets.len());
+    for target in targets {
+        prepared.push(prepare(pool, target).await);
+    }
+    let copies = targets
+        .iter()
+        .zip(&prepared)
+        .filter(|(_, prepared)| prepared.is_ok())
+        .map(|(target, _)| (target.name, Arc::clone(&target.copy)))
+        .collect();
+    let mut replayed = replay(pool, copies, started, on_progress).await.into_iter();
+    // The copies are finished side by side: each waits only for its own indexes, its own
+    // comparison and its own live worker.
+    let finishing = targets.iter().zip(prepared).map(|(target, prepared)| {
+        let replayed = prepared.map(|deferred| (deferred, replayed.next()));
+        async move {
+            match replayed? {
+                (deferred, Some(Ok(replayed))) => {
+                    finish(pool, target, deferred, replayed, started).await
+                }
+                (_, Some(Err(error))) => Err(error),
+                (_, None) => Err(RebuildError::Interrupted),
+            }
+        }
+    });
+    let finished = futures::future::join_all(finishing).await;
+    let mut outcomes = Vec::with_capacity(targets.len());
+    for (target, outcome) in targets.iter().zip(finished) {
+        outcomes.push(outcome.map(|(report, progress)| {
+            on_progress(target.name, progress);
+            report
+        }));
+    }
+    outcomes
+}
+
+/// Creates the copy of each of the target's tables, empty, and answers the definitions of
+/// its secondary indexes: they are dropped from the copy and built once after the replay,
+/// which is much cheaper than keeping them up to date row by row. Unique indexes stay, as
+/// the read models' upserts rely on them.
+async fn prepare(pool: &PgPool, target: &Target) -> Result<Vec<String>, RebuildError> {
+    let mut deferred = Vec::new();
+    for (live_table, copy_table) in target.tables() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {copy_table}"))
             .execute(pool)
             .await?;
@@ -201,41 +346,256 @@ async fn run(
         ))
         .execute(pool)
         .await?;
-    }
-
-    // Replay until the copy is within one batch of the live checkpoint.
-    let mut position = 0;
-    let mut events_done = 0u64;
-    loop {
-        let target = live_position(pool, name).await?;
-        if target - position <= BATCH {
-            break;
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT format('%I.%I', n.nspname, c.relname), pg_get_indexdef(i.indexrelid) \
+             FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE i.indrelid = $1::text::regclass AND NOT i.indisunique",
+        )
+        .bind(&copy_table)
+        .fetch_all(pool)
+        .await?;
+        for (index, definition) in indexes {
+            sqlx::query(&format!("DROP INDEX {index}"))
+                .execute(pool)
+                .await?;
+            deferred.push(definition);
         }
-        let events = read_events(pool, position, target, BATCH).await?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            break;
-        };
-        let mut tx = hindsight_commands::db::begin(pool).await?;
+    }
+    Ok(deferred)
+}
+
+/// Events handed to a copy: every event after the copy's position up to `end`.
+struct Batch {
+    events: Arc<[StoredEvent]>,
+    end: i64,
+    /// The live model's checkpoint, for progress reports.
+    target: i64,
+}
+
+/// A window of positions being read from the store.
+type Read = JoinHandle<Result<Vec<StoredEvent>, EventDecodeError>>;
+
+/// One copy's side of the shared replay.
+struct Lane {
+    name: &'static str,
+    batches: Option<mpsc::Sender<Batch>>,
+    filler: JoinHandle<Result<(), RebuildError>>,
+    replayed: Replayed,
+    /// The live model's checkpoint when last looked at, for progress reports.
+    target: i64,
+    /// Whether the copy got within a batch of its live model (the swap does the rest).
+    finished: bool,
+}
+
+/// Reads the history once, in batches, and hands every batch to each copy's filler task,
+/// each on a connection of its own, until every copy is within one batch of its live
+/// model's checkpoint. The reader stays at most [`READ_AHEAD`] batches ahead of the
+/// slowest copy. A copy that fails stops alone; a failure to read stops them all.
+async fn replay(
+    pool: &PgPool,
+    copies: Vec<(&'static str, Arc<dyn ReadModel>)>,
+    started: Instant,
+    on_progress: &mut (impl FnMut(&'static str, Progress) + Send),
+) -> Vec<Result<Replayed, RebuildError>> {
+    let (progress, mut reports) = mpsc::unbounded_channel();
+    let mut lanes: Vec<Lane> = copies
+        .into_iter()
+        .map(|(name, copy)| {
+            let (batches, received) = mpsc::channel(READ_AHEAD);
+            let filler = tokio::spawn(fill(
+                pool.clone(),
+                name,
+                copy,
+                received,
+                progress.clone(),
+                started,
+            ));
+            Lane {
+                name,
+                batches: Some(batches),
+                filler,
+                replayed: Replayed {
+                    position: 0,
+                    events: 0,
+                },
+                target: 0,
+                finished: false,
+            }
+        })
+        .collect();
+    drop(progress);
+
+    let mut position = 0;
+    // Windows of positions being read, oldest first, and the end of the newest.
+    let mut reads: VecDeque<(i64, Read)> = VecDeque::new();
+    let mut requested = 0;
+    let read: Result<(), RebuildError> = async {
+        loop {
+            // Which copies still replay, and how far all of them may go.
+            let mut up_to = i64::MAX;
+            for lane in &mut lanes {
+                let Some(batches) = &lane.batches else {
+                    continue;
+                };
+                if batches.is_closed() {
+                    // Its filler failed; the error comes with the task.
+                    lane.batches = None;
+                    continue;
+                }
+                let live = live_position(pool, lane.name).await?;
+                lane.target = live;
+                if live - position <= BATCH {
+                    lane.batches = None;
+                    lane.finished = true;
+                } else {
+                    up_to = up_to.min(live);
+                }
+            }
+            if up_to == i64::MAX {
+                return Ok(());
+            }
+            // Windows are fixed ranges of positions, so several can be read (and decoded)
+            // at once. Every window ends at or below the checkpoint of every copy still
+            // replaying when it was asked for, and checkpoints only move forward.
+            while reads.len() < READERS && requested < up_to {
+                let end = requested.saturating_add(BATCH).min(up_to);
+                let (pool, after) = (pool.clone(), requested);
+                reads.push_back((
+                    end,
+                    tokio::spawn(async move { read_events(&pool, after, end, i64::MAX).await }),
+                ));
+                requested = end;
+            }
+            let Some((end, read)) = reads.pop_front() else {
+                return Ok(());
+            };
+            let events: Arc<[StoredEvent]> = joined(read).await??.into();
+            for lane in &mut lanes {
+                let Some(batches) = &lane.batches else {
+                    continue;
+                };
+                if events.is_empty() {
+                    lane.replayed.position = end;
+                } else if batches
+                    .send(Batch {
+                        events: Arc::clone(&events),
+                        end,
+                        target: lane.target,
+                    })
+                    .await
+                    .is_ok()
+                {
+                    lane.replayed = Replayed {
+                        position: end,
+                        events: lane.replayed.events + events.len() as u64,
+                    };
+                } else {
+                    lane.batches = None;
+                }
+            }
+            position = end;
+            while let Ok((name, progress)) = reports.try_recv() {
+                on_progress(name, progress);
+            }
+        }
+    }
+    .await;
+    // Windows read ahead of where the replay stopped are not needed; they are waited for
+    // rather than aborted so their connections go back to the pool between statements.
+    for (_, read) in reads {
+        joined(read).await.ok();
+    }
+    let read = read.map_err(Arc::new);
+
+    let mut outcomes = Vec::with_capacity(lanes.len());
+    for mut lane in lanes {
+        lane.batches = None;
+        let filled = joined(lane.filler).await.and_then(|filled| filled);
+        outcomes.push(match (filled, &read) {
+            (Err(error), _) => Err(error),
+            (Ok(()), Err(error)) if !lane.finished => Err(RebuildError::Shared(Arc::clone(error))),
+            (Ok(()), _) => Ok(lane.replayed),
+        });
+    }
+    while let Ok((name, progress)) = reports.try_recv() {
+        on_progress(name, progress);
+    }
+    outcomes
+}
+/// Waits for a task of the rebuild, passing its panic on.
+async fn joined<T>(task: JoinHandle<T>) -> Result<T, RebuildError> {
+    match task.await {
+        Ok(answer) => Ok(answer),
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(RebuildError::Interrupted),
+    }
+}
+
+/// Applies each batch handed to it to one copy, one transaction per batch, and records
+/// the copy's progress.
+async fn fill(
+    pool: PgPool,
+    name: &'static str,
+    copy: Arc<dyn ReadModel>,
+    mut batches: mpsc::Receiver<Batch>,
+    progress: mpsc::UnboundedSender<(&'static str, Progress)>,
+    started: Instant,
+) -> Result<(), RebuildError> {
+    let mut events_done = 0u64;
+    while let Some(Batch {
+        events,
+        end,
+        target,
+    }) = batches.recv().await
+    {
+        let mut tx = hindsight_commands::db::begin(&pool).await?;
+        // A copy is worth nothing until it is swapped in, by a transaction that commits
+        // durably after every batch: no batch needs to wait for its own flush.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         copy.apply(&mut tx, &events).await?;
         tx.commit().await?;
-        position = last;
         events_done += events.len() as u64;
-        let progress = Progress {
+        let report = Progress {
             events_done,
-            position,
+            position: end,
             target,
-            events_per_second: events_done as f64 / started.elapsed().as_secs_f64().max(1e-6),
+            events_per_second: rate(events_done, started),
         };
-        record(pool, name, &progress).await?;
-        on_progress(progress);
+        record(&pool, name, &report).await?;
+        // The receiver only goes away once every filler has ended.
+        progress.send((name, report)).ok();
     }
+    Ok(())
+}
 
-    // Catch up and swap in one transaction, with the live worker paused on its checkpoint.
+/// Builds the copy's deferred indexes, then, in one transaction with the live worker
+/// paused on its checkpoint, applies the events the copy still lacks, compares copy and
+/// live table by table, and renames the copy into place.
+async fn finish(
+    pool: &PgPool,
+    target: &Target,
+    deferred: Vec<String>,
+    replayed: Replayed,
+    started: Instant,
+) -> Result<(Report, Progress), RebuildError> {
+    let name = target.name;
+    for definition in deferred {
+        sqlx::query(&definition).execute(pool).await?;
+    }
+    let Replayed {
+        mut position,
+        events: mut events_done,
+    } = replayed;
+    let tables = target.tables();
     let mut tx = hindsight_commands::db::begin(pool).await?;
     sqlx::query("SET LOCAL lock_timeout = '10s'")
         .execute(&mut *tx)
         .await?;
-    let target: i64 = sqlx::query_scalar(
+    let live: i64 = sqlx::query_scalar(
         "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
     )
     .bind(name)
@@ -243,22 +603,17 @@ async fn run(
     .await?
     .unwrap_or(0);
     loop {
-        let events = read_events(&mut *tx, position, target, BATCH).await?;
+        let events = read_events_on(&mut tx, position, live, BATCH).await?;
         let Some(last) = events.last().map(|event| event.position) else {
             break;
         };
-        copy.apply(&mut tx, &events).await?;
+        target.copy.apply(&mut tx, &events).await?;
         position = last;
         events_done += events.len() as u64;
     }
     let mut differences = Vec::new();
     for (live_table, copy_table) in &tables {
-        let (only_live, only_rebuilt): (i64, i64) = sqlx::query_as(&format!(
-            "SELECT (SELECT count(*) FROM (SELECT * FROM {live_table} EXCEPT ALL SELECT * FROM {copy_table}) a), \
-                    (SELECT count(*) FROM (SELECT * FROM {copy_table} EXCEPT ALL SELECT * FROM {live_table}) b)"
-        ))
-        .fetch_one(&mut *tx)
-        .await?;
+        let (only_live, only_rebuilt) = compare(&mut tx, live_table, copy_table).await?;
         if only_live != 0 || only_rebuilt != 0 {
             differences.push(Difference {
                 table: live_table.clone(),
@@ -284,11 +639,10 @@ async fn run(
     let progress = Progress {
         events_done,
         position,
-        target,
-        events_per_second: events_done as f64 / started.elapsed().as_secs_f64().max(1e-6),
+        target: live,
+        events_per_second: rate(events_done, started),
     };
     record(pool, name, &progress).await?;
-    on_progress(progress);
     if !differences.is_empty() {
         tracing::warn!(
             projection = name,
@@ -296,12 +650,56 @@ async fn run(
             "the rebuilt model differs from the live one; the rebuilt one is now live"
         );
     }
-    Ok(Report {
+    let report = Report {
         name: name.to_owned(),
         events: events_done,
         seconds: started.elapsed().as_secs_f64(),
         differences,
-    })
+    };
+    Ok((report, progress))
+}
+
+/// Counts the rows of `live` not in `copy` and those of `copy` not in `live`, as
+/// `EXCEPT ALL` both ways would. Tables with a primary key are compared row against row
+/// in one merge join over both primary key indexes: no sort, no hash table spilling to
+/// disk, and about a third of the time of the two set operations on a million rows.
+async fn compare(
+    connection: &mut PgConnection,
+    live: &str,
+    copy: &str,
+) -> Result<(i64, i64), sqlx::Error> {
+    let key: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(a.attname) FROM pg_index i \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY a.attnum",
+    )
+    .bind(live)
+    .fetch_all(&mut *connection)
+    .await?;
+    let statement = match key.first() {
+        Some(first) => {
+            sqlx::query("SET LOCAL enable_hashjoin = off")
+                .execute(&mut *connection)
+                .await?;
+            let on = key
+                .iter()
+                .map(|column| format!("l.{column} = c.{column}"))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            format!(
+                "SELECT count(*) FILTER (WHERE c.{first} IS NULL \
+                                         OR (l.{first} IS NOT NULL AND l IS DISTINCT FROM c)), \
+                        count(*) FILTER (WHERE l.{first} IS NULL \
+                                         OR (c.{first} IS NOT NULL AND l IS DISTINCT FROM c)) \
+                 FROM {live} l FULL JOIN {copy} c ON {on}"
+            )
+        }
+        None => format!(
+            "SELECT (SELECT count(*) FROM (SELECT * FROM {live} EXCEPT ALL SELECT * FROM {copy}) a), \
+                    (SELECT count(*) FROM (SELECT * FROM {copy} EXCEPT ALL SELECT * FROM {live}) b)"
+        ),
+    };
+    sqlx::query_as(&statement).fetch_one(connection).await
 }
 
 /// The state of the latest rebuild of a projection, if any.

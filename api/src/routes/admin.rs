@@ -94,15 +94,17 @@ async fn start_rebuild(
             other => ApiError::internal(other),
         })?;
     tokio::spawn(async move {
-        match started.run(|_| {}).await {
-            Ok(report) => tracing::info!(
-                projection = name,
-                events = report.events,
-                seconds = report.seconds,
-                differences = report.differences.len(),
-                "rebuild finished"
-            ),
-            Err(error) => tracing::error!(projection = name, %error, "rebuild failed"),
+        for (name, outcome) in started.run(|_, _| {}).await {
+            match outcome {
+                Ok(report) => tracing::info!(
+                    projection = name,
+                    events = report.events,
+                    seconds = report.seconds,
+                    differences = report.differences.len(),
+                    "rebuild finished"
+                ),
+                Err(error) => tracing::error!(projection = name, %error, "rebuild failed"),
+            }
         }
     });
     Ok((
