@@ -57,6 +57,10 @@ struct Args {
     /// Skip scenarios 1, 2, 3, 5 and 6.
     #[arg(long)]
     only_rebuild: bool,
+    /// Keep the rebuild scenario's seeded database afterwards (its name is logged), to
+    /// profile `hindsight projections rebuild` against it by hand.
+    #[arg(long)]
+    keep_rebuild_database: bool,
     /// A Postgres URL whose user can create databases.
     #[arg(
         long,
@@ -120,6 +124,7 @@ async fn main() -> Result<()> {
         history_events: args.history_events,
         rebuild_events: args.rebuild_events,
         read_products: args.read_products,
+        keep_rebuild_database: args.keep_rebuild_database,
     };
     let machine = machine(&env).await?;
     for (name, value) in &machine {

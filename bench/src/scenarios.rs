@@ -30,6 +30,7 @@ pub struct Settings {
     pub history_events: u64,
     pub rebuild_events: u64,
     pub read_products: usize,
+    pub keep_rebuild_database: bool,
 }
 
 const PASSWORD: &str = "bench-password-123";
@@ -614,7 +615,11 @@ impl MemorySampler {
 pub async fn rebuild(env: &Environment, settings: &Settings, runs: usize) -> Result<Vec<Figures>> {
     let database = Database::create(env, "rebuild").await?;
     let result = rebuild_on(env, settings, runs, &database).await;
-    database.drop_now().await.ok();
+    if settings.keep_rebuild_database {
+        log(format!("kept database {}", database.name));
+    } else {
+        database.drop_now().await.ok();
+    }
     result
 }
 
