@@ -242,6 +242,12 @@ impl ProjectionWorker {
         // Catch up from the store to what the relay has published, then follow the stream.
         let published = relay::checkpoint(&self.pool, &self.settings.stream).await?;
         self.apply_store_range(published).await?;
+        // From here on this worker alone moves the checkpoint (it holds the leader lock, and
+        // every commit checks the stored position under a row lock), so it keeps track of
+        // it instead of reading it before every batch.
+        let mut applied = checkpoint(&self.pool, name)
+            .await?
+            .map_or(0, |checkpoint| checkpoint.position);
         let consumer = self.consumer().await?;
         let mut messages = consumer
             .messages()
@@ -275,7 +281,7 @@ impl ProjectionWorker {
                 }
                 last_message = Some(message);
             }
-            self.apply_delivered(delivered).await?;
+            applied = self.apply_delivered(applied, delivered).await?;
             if let Some(message) = last_message {
                 // AckPolicy::All: acknowledging the last acknowledges the batch.
                 message
@@ -329,15 +335,14 @@ impl ProjectionWorker {
         }
     }
 
-    /// Applies delivered messages: skips what is at or below the checkpoint, fills any
-    /// gap a message's previous position reveals from the store, then applies it.
-    async fn apply_delivered(&self, delivered: Vec<Delivered>) -> Result<(), WorkerError> {
-        if delivered.is_empty() {
-            return Ok(());
-        }
-        let start = checkpoint(&self.pool, self.name())
-            .await?
-            .map_or(0, |checkpoint| checkpoint.position);
+    /// Applies delivered messages after checkpoint `start`: skips what is at or below it,
+    /// fills any gap a message's previous position reveals from the store, then applies
+    /// the rest. Answers the new checkpoint.
+    async fn apply_delivered(
+        &self,
+        start: i64,
+        delivered: Vec<Delivered>,
+    ) -> Result<i64, WorkerError> {
         let mut applied_to = start;
         let mut events = Vec::with_capacity(delivered.len());
         for Delivered { event, previous } in delivered {
@@ -352,9 +357,10 @@ impl ProjectionWorker {
             events.push(event);
         }
         if events.is_empty() {
-            return Ok(());
+            return Ok(start);
         }
-        self.commit_with_retries(start, &events, applied_to).await
+        self.commit_with_retries(start, &events, applied_to).await?;
+        Ok(applied_to)
     }
 
     /// Applies `events` (all after `from`) and moves the checkpoint to `to`, retrying;
@@ -421,8 +427,13 @@ impl ProjectionWorker {
     async fn commit(&self, from: i64, events: &[StoredEvent], to: i64) -> Result<(), CommitError> {
         let name = self.name();
         let mut tx = hindsight_commands::db::begin(&self.pool).await?;
-        let current: i64 = sqlx::query_scalar(
-            "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+        // A read model is derived from the events, which are durable before the relay
+        // publishes them: its batches need not wait for their own WAL flush. If the
+        // database crashes before the flush, the checkpoint goes back with the rows and
+        // the worker applies those events again from the store.
+        let (current,): (i64,) = sqlx::query_as(
+            "SELECT position, set_config('synchronous_commit', 'off', true) \
+             FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
         )
         .bind(name)
         .fetch_one(&mut *tx)
@@ -437,17 +448,15 @@ impl ProjectionWorker {
         }
         self.model.apply(&mut tx, events).await?;
         sqlx::query(
-            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1 \
+             RETURNING pg_notify($3, $4)",
         )
         .bind(name)
         .bind(to)
+        .bind(PROGRESS_CHANNEL)
+        .bind(format!("{name}:{to}"))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(PROGRESS_CHANNEL)
-            .bind(format!("{name}:{to}"))
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }
