@@ -2,7 +2,9 @@
 //! exactly once.
 //!
 //! Each batch is applied and the projection's checkpoint advanced in one Postgres
-//! transaction; messages are acknowledged only after it commits. An event at or below
+//! transaction; messages are acknowledged only after it commits. That commit does not wait
+//! for its WAL flush: should the database crash first, rows and checkpoint go back
+//! together, and the worker's start-up catch-up applies those events again from the store. An event at or below
 //! the checkpoint is acknowledged and skipped, so redeliveries and the relay's
 //! republishing after a crash change nothing. Every message names the position published
 //! before it, so a worker knows exactly when it has missed something (a new projection, a
