@@ -20,7 +20,7 @@ use std::str::FromStr;
 /// Where the tests find a Postgres server on which they may create databases.
 pub fn admin_database_url() -> String {
     std::env::var("HINDSIGHT_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres:hindsight@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// Where the tests find NATS with JetStream.

@@ -65,7 +65,7 @@ struct Args {
     #[arg(
         long,
         env = "HINDSIGHT_BENCH_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        default_value = "postgres://postgres:hindsight@127.0.0.1:5432/postgres"
     )]
     postgres_url: String,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
