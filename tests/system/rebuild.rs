@@ -81,6 +81,35 @@ async fn index_definitions(system: &TestSystem) -> Vec<String> {
     .unwrap()
 }
 
+/// `products` new products, each restocked `restocks` times, all projected.
+async fn catalogue(system: &TestSystem, products: usize, restocks: usize) -> Vec<ProductId> {
+    let products = seed(system, products).await;
+    for product in &products {
+        for _ in 0..restocks {
+            restock(system, *product).await;
+        }
+    }
+    all_at_head(system).await;
+    products
+}
+
+/// Restocks `products` in turn until `stop`; answers how many commands it ran.
+fn restock_until(
+    system: &Arc<TestSystem>,
+    products: Vec<ProductId>,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let (system, stop) = (Arc::clone(system), Arc::clone(stop));
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            restock(&system, products[n % products.len()]).await;
+            n += 1;
+        }
+        n
+    })
+}
+
 async fn all_at_head(system: &TestSystem) {
     let head = hindsight_commands::relay::head(&system.db.pool)
         .await
@@ -99,26 +128,10 @@ async fn all_at_head(system: &TestSystem) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_projection_rebuilds_under_load_while_reads_keep_answering() {
     let system = Arc::new(TestSystem::start().await);
-    let products = seed(&system, 20).await;
-    for product in &products {
-        for _ in 0..20 {
-            restock(&system, *product).await;
-        }
-    }
-    all_at_head(&system).await;
+    let products = catalogue(&system, 20, 20).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (system, stop, products) = (Arc::clone(&system), Arc::clone(&stop), products.clone());
-        tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                restock(&system, products[n % products.len()]).await;
-                n += 1;
-            }
-            n
-        })
-    };
+    let load = restock_until(&system, products.clone(), &stop);
     let reads = Arc::new(AtomicUsize::new(0));
     let reader = {
         let (system, stop, reads, product) = (
@@ -179,13 +192,7 @@ async fn every_projection_rebuilds_under_load_while_reads_keep_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_got_wrong() {
     let system = Arc::new(TestSystem::start().await);
-    let products = seed(&system, 6).await;
-    for product in &products {
-        for _ in 0..10 {
-            restock(&system, *product).await;
-        }
-    }
-    all_at_head(&system).await;
+    let products = catalogue(&system, 6, 10).await;
 
     // Damage the live models the way a bug in an old version could have: a product's
     // stock off by seven, and a line of the audit trail lost.
@@ -210,21 +217,7 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
 
     // Commands go on (on the other products) while everything is rebuilt at once.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (system, stop, others) = (
-            Arc::clone(&system),
-            Arc::clone(&stop),
-            products[1..].to_vec(),
-        );
-        tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                restock(&system, others[n % others.len()]).await;
-                n += 1;
-            }
-            n
-        })
-    };
+    let load = restock_until(&system, products[1..].to_vec(), &stop);
     let names = rebuild::rebuildable();
     let started = rebuild::start_many(&system.db.pool, &names).await.unwrap();
     assert_eq!(started.names(), names);
