@@ -512,6 +512,29 @@ impl TestSystem {
         &self.app.client
     }
 
+    /// `POST /api/v1/products` with `product` as the holder of `token`, which must answer
+    /// 201; answers the created product as the API returned it.
+    pub async fn create_product(
+        &self,
+        token: &str,
+        product: serde_json::Value,
+    ) -> serde_json::Value {
+        let response = self
+            .client()
+            .post(self.url("/api/v1/products"))
+            .bearer_auth(token)
+            .json(&product)
+            .send()
+            .await
+            .expect("POST /api/v1/products");
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::CREATED,
+            "creating a product"
+        );
+        response.json().await.expect("the created product")
+    }
+
     /// Creates a user with `role` through the command layer (as `hindsight user create`
     /// does) and signs them in over HTTP.
     pub async fn user(&self, role: hindsight_domain::role::Role) -> TestUser {

@@ -7,16 +7,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn product(system: &TestSystem, admin: &TestUser) -> String {
-    let response = system
-        .client()
-        .post(system.url("/api/v1/products"))
-        .bearer_auth(&admin.access_token)
-        .json(&json!({"sku": "IDEM-1", "name": "Mug", "price": {"amount": 800, "currency": "EUR"}, "stock": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json::<Value>().await.unwrap()["id"]
+    system
+        .create_product(&admin.access_token, json!({"sku": "IDEM-1", "name": "Mug", "price": {"amount": 800, "currency": "EUR"}, "stock": 1}))
+        .await["id"]
         .as_str()
         .unwrap()
         .to_owned()

@@ -160,19 +160,14 @@ async fn a_product_answer_has_every_field_the_document_requires() {
     let system = TestSystem::start().await;
     let admin = system.user(hindsight_domain::role::Role::Admin).await;
     let created: Value = system
-        .client()
-        .post(system.url("/api/v1/products"))
-        .bearer_auth(&admin.access_token)
-        .json(&serde_json::json!({
-            "sku": "DOC-1", "name": "Documented", "description": "",
-            "price": {"amount": 100, "currency": "EUR"}, "stock": 1
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .create_product(
+            &admin.access_token,
+            serde_json::json!({
+                "sku": "DOC-1", "name": "Documented", "description": "",
+                "price": {"amount": 100, "currency": "EUR"}, "stock": 1
+            }),
+        )
+        .await;
     let product: Value = system
         .client()
         .get(system.url(&format!(
@@ -233,19 +228,14 @@ async fn a_cancel_reason_with_a_nul_character_is_refused() {
     let admin = system.user(hindsight_domain::role::Role::Admin).await;
     let customer = system.user(hindsight_domain::role::Role::Customer).await;
     let product: Value = system
-        .client()
-        .post(system.url("/api/v1/products"))
-        .bearer_auth(&admin.access_token)
-        .json(&serde_json::json!({
-            "sku": "NUL-1", "name": "Tea", "description": "",
-            "price": {"amount": 100, "currency": "EUR"}, "stock": 5
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .create_product(
+            &admin.access_token,
+            serde_json::json!({
+                "sku": "NUL-1", "name": "Tea", "description": "",
+                "price": {"amount": 100, "currency": "EUR"}, "stock": 5
+            }),
+        )
+        .await;
     let order: Value = system
         .client()
         .post(system.url("/api/v1/orders"))

@@ -11,16 +11,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 async fn product(system: &TestSystem, admin: &TestUser, sku: &str, stock: i64) -> String {
-    let response = system
-        .client()
-        .post(system.url("/api/v1/products"))
-        .bearer_auth(&admin.access_token)
-        .json(&json!({"sku": sku, "name": "Kettle", "price": {"amount": 3000, "currency": "EUR"}, "stock": stock}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json::<Value>().await.unwrap()["id"]
+    system
+        .create_product(&admin.access_token, json!({"sku": sku, "name": "Kettle", "price": {"amount": 3000, "currency": "EUR"}, "stock": stock}))
+        .await["id"]
         .as_str()
         .unwrap()
         .to_owned()
