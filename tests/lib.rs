@@ -476,7 +476,8 @@ impl TestSystem {
             db.pool.clone(),
             stream.client.clone(),
             stream.relay_settings(),
-        );
+        )
+        .with_local_appends(app.state.commands.appends().watch());
         tokio::spawn(relay.run(stop.clone()));
         for model in hindsight_projections::live_read_models() {
             let worker = hindsight_projections::worker::ProjectionWorker::new(

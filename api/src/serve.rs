@@ -122,7 +122,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.run_relay {
         let mut settings = RelaySettings::new(&args.nats_stream, &args.nats_subject_prefix);
         settings.max_age = args.nats_max_age;
-        let relay = Relay::new(state.pool.clone(), nats.clone(), settings);
+        let relay = Relay::new(state.pool.clone(), nats.clone(), settings)
+            .with_local_appends(state.commands.appends().watch());
         let stop = shutdown.clone();
         components.spawn(async move {
             relay.run(stop).await;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use hindsight_domain::{order::Order, product::Product, user::User};
 use sqlx::PgPool;
+use wakeup::AppendSignal;
 
 pub mod aggregate;
 pub mod db;
@@ -22,6 +23,7 @@ pub mod metadata;
 pub mod relay;
 pub mod store;
 pub mod upcast;
+pub mod wakeup;
 
 pub use event::StoredEvent;
 pub use metadata::{Actor, ActorRole, EventMetadata};
@@ -34,16 +36,25 @@ pub struct CommandBus {
     pub products: Arc<AggregateStore<Product>>,
     pub orders: Arc<AggregateStore<Order>>,
     pool: PgPool,
+    appends: AppendSignal,
 }
 
 impl CommandBus {
     pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
+        let appends = AppendSignal::new(pool.clone());
         Self {
-            users: Arc::new(AggregateStore::new(pool.clone(), settings)),
-            products: Arc::new(AggregateStore::new(pool.clone(), settings)),
-            orders: Arc::new(AggregateStore::new(pool.clone(), settings)),
+            users: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
+            products: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
+            orders: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
             pool,
+            appends,
         }
+    }
+
+    /// Raised after each committed append of this bus; a relay in the same process
+    /// watches it (see [`wakeup`]).
+    pub fn appends(&self) -> &AppendSignal {
+        &self.appends
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -24,14 +24,14 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgNotification};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{EventDecodeError, StoredEvent, EVENT_COLUMNS};
+use crate::wakeup::AppendWatch;
 
-/// The channel the event table notifies on commit.
-pub const EVENTS_CHANNEL: &str = "hindsight_events";
+pub use crate::wakeup::EVENTS_CHANNEL;
 
 pub const HEADER_POSITION: &str = "Hindsight-Position";
 pub const HEADER_PREVIOUS_POSITION: &str = "Hindsight-Previous-Position";
@@ -45,7 +45,8 @@ pub struct RelaySettings {
     pub subject_prefix: String,
     /// Events read and published per round.
     pub batch_size: i64,
-    /// Fallback poll interval when no notification arrives.
+    /// Poll interval when no wake-up arrives (a process that died between its append and
+    /// its announcement).
     pub poll_interval: Duration,
     /// How long the stream keeps messages (`None`: unbounded). Postgres keeps everything.
     pub max_age: Option<Duration>,
@@ -174,6 +175,7 @@ pub struct Relay {
     pool: PgPool,
     jetstream: jetstream::Context,
     settings: RelaySettings,
+    local: Option<AppendWatch>,
 }
 
 /// What one round did.
@@ -191,7 +193,14 @@ impl Relay {
             pool,
             jetstream: jetstream::new(client),
             settings,
+            local: None,
         }
+    }
+
+    /// Wakes on this process's own appends directly rather than through Postgres.
+    pub fn with_local_appends(mut self, appends: AppendWatch) -> Self {
+        self.local = Some(appends);
+        self
     }
 
     /// Creates the stream if it does not exist yet.
@@ -259,6 +268,7 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
+        let mut local = self.local.clone();
         self.ensure_stream().await?;
         let mut published = self.checkpoint().await?;
         let mut wait = None;
@@ -279,14 +289,25 @@ impl Relay {
                     waiting_on_gap: false,
                 } => self.settings.poll_interval,
             };
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                notification = listener.recv() => {
-                    notification?;
-                    // Coalesce a burst of commits into one round.
-                    while listener.next_buffered().is_some() {}
+            let deadline = tokio::time::sleep(pause);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    notification = listener.recv() => {
+                        let mut foreign = !is_own(local.as_ref(), &notification?);
+                        // Coalesce a burst of commits into one round.
+                        while let Some(notification) = listener.next_buffered() {
+                            foreign |= !is_own(local.as_ref(), &notification);
+                        }
+                        // The echo of this process's own appends was seen through `local`.
+                        if foreign {
+                            break;
+                        }
+                    }
+                    () = local_append(&mut local) => break,
+                    () = &mut deadline => break,
                 }
-                () = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -394,6 +415,19 @@ impl Relay {
 struct Published {
     last_acknowledged: Option<i64>,
     error: Option<RelayError>,
+}
+
+/// Whether `notification` announces appends of this process.
+fn is_own(local: Option<&AppendWatch>, notification: &PgNotification) -> bool {
+    local.is_some_and(|local| local.is_own(notification.payload()))
+}
+
+/// The next append of this process; never, without a local watch.
+async fn local_append(local: &mut Option<AppendWatch>) {
+    match local {
+        Some(local) => local.appended().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The relay checkpoint of `stream` (0 if it never published).

@@ -11,9 +11,10 @@
 //! The hot path costs one round trip (docs/adr/0003-write-path.md): recently used
 //! aggregates stay in a bounded in-process cache at the version they were loaded or
 //! written at, and the events are appended by one autocommitted statement that answers
-//! their positions. The cache cannot make a write wrong, because an append only succeeds
-//! at the next free sequence: a stale entry loses the append with a conflict, is dropped
-//! and reloaded. A refusal, a no-op or a version mismatch decided on a cached entry is
+//! their positions; the relay is then woken by an in-process signal (`wakeup`), not by a
+//! `NOTIFY` inside the append. The cache cannot make a write wrong, because an append only
+//! succeeds at the next free sequence: a stale entry loses the append with a conflict, is
+//! dropped and reloaded. A refusal, a no-op or a version mismatch decided on a cached entry is
 //! confirmed against the store's current version before it is answered. Snapshots (in
 //! postgres-es's table, read by its loader) are written every `snapshot_every` events.
 //!
@@ -38,6 +39,7 @@ use uuid::Uuid;
 use crate::aggregate::EventSourced;
 use crate::metadata::EventMetadata;
 use crate::upcast::Upcaster;
+use crate::wakeup::AppendSignal;
 
 /// Tuning of the write path.
 #[derive(Debug, Clone, Copy)]
@@ -199,6 +201,7 @@ pub struct AggregateStore<A: domain::Aggregate> {
     store: PersistedEventStore<PostgresEventRepository, EventSourced<A>>,
     pool: PgPool,
     settings: StoreSettings,
+    appends: AppendSignal,
     cache: Mutex<LruCache<Uuid, Entry<A>>>,
     _aggregate: PhantomData<A>,
 }
@@ -213,7 +216,7 @@ impl<A: domain::Aggregate> std::fmt::Debug for AggregateStore<A> {
 }
 
 impl<A: domain::Aggregate> AggregateStore<A> {
-    pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
+    pub fn new(pool: PgPool, settings: StoreSettings, appends: AppendSignal) -> Self {
         let repository = PostgresEventRepository::new(pool.clone());
         let store =
             PersistedEventStore::new_snapshot_store(repository, settings.snapshot_every.max(1))
@@ -223,6 +226,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             pool,
             cache: Mutex::new(LruCache::new(settings.cache_capacity.max(1))),
             settings,
+            appends,
             _aggregate: PhantomData,
         }
     }
@@ -372,6 +376,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             }
             match self.append(id, entry.version, &events, metadata).await? {
                 Ok(position) => {
+                    self.appends.appended(position);
                     let appended = events.len();
                     let before = entry.version;
                     for event in events {

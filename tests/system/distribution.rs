@@ -96,6 +96,72 @@ async fn committed_positions(db: &TestDb) -> Vec<i64> {
         .unwrap()
 }
 
+/// A relay that would otherwise only poll once a minute, so a prompt publish proves it was
+/// woken.
+fn sleepy_relay(db: &TestDb, stream: &TestStream) -> Relay {
+    let mut settings = stream.relay_settings();
+    settings.poll_interval = Duration::from_secs(60);
+    Relay::new(db.pool.clone(), stream.client.clone(), settings)
+}
+
+#[tokio::test]
+async fn an_append_wakes_a_relay_in_another_process_through_postgres() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let stop = CancellationToken::new();
+    // No local watch: this relay hears only what Postgres announces.
+    tokio::spawn(sleepy_relay(&db, &stream).run(stop.clone()));
+    let product = create_product(&db, "WAKE-REMOTE").await;
+    relay_reaches(&db, &stream, 1).await;
+    // Let the relay settle into its minute-long wait before the next append.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let position = restock(&db, product, 2).await;
+    eventually(10, "the relay publishes without polling", || async {
+        relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
+    })
+    .await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn an_append_wakes_the_relay_of_its_own_process_directly() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let stop = CancellationToken::new();
+    // The Postgres announcement of this bus's appends is ignored as an echo, so only the
+    // in-process signal can wake this relay before its minute-long poll.
+    let relay = sleepy_relay(&db, &stream).with_local_appends(commands.appends().watch());
+    tokio::spawn(relay.run(stop.clone()));
+    let product = ProductId::new();
+    let create = ProductCommand::Create {
+        product_id: product,
+        sku: Sku::parse("WAKE-LOCAL").unwrap(),
+        name: ProductName::parse("Widget").unwrap(),
+        description: Description::parse("").unwrap(),
+        price: Money::new(100, Currency::EUR).unwrap(),
+        stock: 0,
+    };
+    let restock = ProductCommand::Restock {
+        quantity: Quantity::new(2).unwrap(),
+    };
+    for (command, request) in [(create, "create"), (restock, "restock")] {
+        let position = commands
+            .products
+            .execute(product.as_uuid(), command, &metadata(request), None)
+            .await
+            .unwrap()
+            .unwrap()
+            .position;
+        eventually(10, "the relay publishes without polling", || async {
+            relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_late_commit_is_published_in_order_not_skipped() {
     let db = TestDb::new().await;
