@@ -14,8 +14,8 @@
 //! their positions; the relay is then woken by an in-process signal (`wakeup`), not by a
 //! `NOTIFY` inside the append. The cache cannot make a write wrong, because an append only
 //! succeeds at the next free sequence: a stale entry loses the append with a conflict, is
-//! dropped and reloaded. A refusal, a no-op or a version mismatch decided on a cached entry is
-//! confirmed against the store's current version before it is answered. Snapshots (in
+//! dropped and reloaded. A refusal, a no-op or a version mismatch decided on a cached
+//! entry is confirmed against the store's current version before it is answered. Snapshots (in
 //! postgres-es's table, read by its loader) are written every `snapshot_every` events.
 //!
 //! Two kinds of failure never mix: a [`Refusal`] is a decision ("the command is not
@@ -24,7 +24,7 @@
 
 use std::error::Error as StdError;
 use std::marker::PhantomData;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use cqrs_es::persist::PersistedEventStore;
@@ -231,17 +231,21 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         }
     }
 
+    /// The cache, locked. Its entries stay consistent even if a holder panicked (every
+    /// change is a single insert or removal), so a poisoned lock is taken over.
+    fn cache(&self) -> MutexGuard<'_, LruCache<Uuid, Entry<A>>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Takes an aggregate out of the cache (so no other command decides on the same
     /// entry); a command that finds none loads from the store.
     fn take_cached(&self, id: Uuid) -> Option<Entry<A>> {
         if self.settings.cache_capacity == 0 {
             return None;
         }
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.remove(&id).map(|entry| Entry {
+        self.cache().remove(&id).map(|entry| Entry {
             cached: true,
             ..entry
         })
@@ -252,10 +256,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         if self.settings.cache_capacity == 0 || entry.version == 0 {
             return;
         }
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self.cache();
         if cache
             .peek(&id)
             .is_some_and(|current| current.version >= entry.version)
