@@ -4,9 +4,9 @@
 //! Each batch is applied and the projection's checkpoint advanced in one Postgres
 //! transaction; messages are acknowledged only after it commits. That commit does not wait
 //! for its WAL flush: should the database crash first, rows and checkpoint go back
-//! together, and the worker's start-up catch-up applies those events again from the store. An event at or below
-//! the checkpoint is acknowledged and skipped, so redeliveries and the relay's
-//! republishing after a crash change nothing. Every message names the position published
+//! together, and the worker's start-up catch-up applies those events again from the
+//! store. An event at or below the checkpoint is acknowledged and skipped, so redeliveries
+//! and the relay's republishing after a crash change nothing. Every message names the position published
 //! before it, so a worker knows exactly when it has missed something (a new projection, a
 //! stream that no longer holds old messages, a consumer that was recreated): it then
 //! reads the missing range from the event store, which is the source of truth, inside the
@@ -243,13 +243,10 @@ impl ProjectionWorker {
         set_status(&self.pool, name, "catching_up", None).await?;
         // Catch up from the store to what the relay has published, then follow the stream.
         let published = relay::checkpoint(&self.pool, &self.settings.stream).await?;
-        self.apply_store_range(published).await?;
         // From here on this worker alone moves the checkpoint (it holds the leader lock, and
         // every commit checks the stored position under a row lock), so it keeps track of
         // it instead of reading it before every batch.
-        let mut applied = checkpoint(&self.pool, name)
-            .await?
-            .map_or(0, |checkpoint| checkpoint.position);
+        let mut applied = self.apply_store_range(published).await?;
         let consumer = self.consumer().await?;
         let mut messages = consumer
             .messages()
@@ -321,20 +318,20 @@ impl ProjectionWorker {
             .map_err(|error| WorkerError::JetStream(error.to_string()))
     }
 
-    /// Applies everything in the store up to `up_to` (a position the relay published).
-    async fn apply_store_range(&self, up_to: i64) -> Result<(), WorkerError> {
-        loop {
-            let position = checkpoint(&self.pool, self.name())
-                .await?
-                .map_or(0, |checkpoint| checkpoint.position);
-            if position >= up_to {
-                return Ok(());
-            }
+    /// Applies everything in the store up to `up_to` (a position the relay published);
+    /// answers the checkpoint reached.
+    async fn apply_store_range(&self, up_to: i64) -> Result<i64, WorkerError> {
+        let mut position = checkpoint(&self.pool, self.name())
+            .await?
+            .map_or(0, |checkpoint| checkpoint.position);
+        while position < up_to {
             let events =
                 read_events(&self.pool, position, up_to, self.settings.catch_up_batch).await?;
             let last = events.last().map_or(up_to, |event| event.position);
             self.commit_with_retries(position, &events, last).await?;
+            position = last;
         }
+        Ok(position)
     }
 
     /// Applies delivered messages after checkpoint `start`: skips what is at or below it,
