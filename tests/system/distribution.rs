@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hindsight_commands::relay::{self, Relay};
-use hindsight_commands::{Actor, EventMetadata, StoreSettings, StoredEvent};
+use hindsight_commands::{Actor, CommandBus, EventMetadata, StoreSettings, StoredEvent};
 use hindsight_domain::ids::ProductId;
 use hindsight_domain::product::ProductCommand;
 use hindsight_domain::values::{Currency, Description, Money, ProductName, Quantity, Sku};
@@ -22,8 +22,15 @@ fn metadata(request: &str) -> EventMetadata {
 }
 
 async fn create_product(db: &TestDb, sku: &str) -> ProductId {
+    create_product_with(&db.commands(StoreSettings::default()), sku)
+        .await
+        .0
+}
+
+/// Creates a product through `commands`; answers it and the event's position.
+async fn create_product_with(commands: &CommandBus, sku: &str) -> (ProductId, i64) {
     let product = ProductId::new();
-    db.commands(StoreSettings::default())
+    let executed = commands
         .products
         .execute(
             product.as_uuid(),
@@ -41,11 +48,16 @@ async fn create_product(db: &TestDb, sku: &str) -> ProductId {
         .await
         .unwrap()
         .unwrap();
-    product
+    (product, executed.position)
 }
 
 async fn restock(db: &TestDb, product: ProductId, n: u32) -> i64 {
-    db.commands(StoreSettings::default())
+    restock_with(&db.commands(StoreSettings::default()), product, n).await
+}
+
+/// Restocks `product` through `commands`; answers the event's position.
+async fn restock_with(commands: &CommandBus, product: ProductId, n: u32) -> i64 {
+    commands
         .products
         .execute(
             product.as_uuid(),
@@ -104,6 +116,14 @@ fn sleepy_relay(db: &TestDb, stream: &TestStream) -> Relay {
     Relay::new(db.pool.clone(), stream.client.clone(), settings)
 }
 
+/// Waits for `position` to be published well before a sleepy relay's poll.
+async fn relay_publishes_promptly(db: &TestDb, stream: &TestStream, position: i64) {
+    eventually(10, "the relay publishes without polling", || async {
+        relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_append_wakes_a_relay_in_another_process_through_postgres() {
     let db = TestDb::new().await;
@@ -116,10 +136,7 @@ async fn an_append_wakes_a_relay_in_another_process_through_postgres() {
     // Let the relay settle into its minute-long wait before the next append.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let position = restock(&db, product, 2).await;
-    eventually(10, "the relay publishes without polling", || async {
-        relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
-    })
-    .await;
+    relay_publishes_promptly(&db, &stream, position).await;
     stop.cancel();
 }
 
@@ -133,32 +150,11 @@ async fn an_append_wakes_the_relay_of_its_own_process_directly() {
     // in-process signal can wake this relay before its minute-long poll.
     let relay = sleepy_relay(&db, &stream).with_local_appends(commands.appends().watch());
     tokio::spawn(relay.run(stop.clone()));
-    let product = ProductId::new();
-    let create = ProductCommand::Create {
-        product_id: product,
-        sku: Sku::parse("WAKE-LOCAL").unwrap(),
-        name: ProductName::parse("Widget").unwrap(),
-        description: Description::parse("").unwrap(),
-        price: Money::new(100, Currency::EUR).unwrap(),
-        stock: 0,
-    };
-    let restock = ProductCommand::Restock {
-        quantity: Quantity::new(2).unwrap(),
-    };
-    for (command, request) in [(create, "create"), (restock, "restock")] {
-        let position = commands
-            .products
-            .execute(product.as_uuid(), command, &metadata(request), None)
-            .await
-            .unwrap()
-            .unwrap()
-            .position;
-        eventually(10, "the relay publishes without polling", || async {
-            relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let (product, created) = create_product_with(&commands, "WAKE-LOCAL").await;
+    relay_publishes_promptly(&db, &stream, created).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let restocked = restock_with(&commands, product, 2).await;
+    relay_publishes_promptly(&db, &stream, restocked).await;
     stop.cancel();
 }
 
