@@ -479,15 +479,14 @@ impl TestSystem {
         )
         .with_local_appends(app.state.commands.appends().watch());
         tokio::spawn(relay.run(stop.clone()));
-        for model in hindsight_projections::live_read_models() {
-            let worker = hindsight_projections::worker::ProjectionWorker::new(
-                db.pool.clone(),
-                stream.client.clone(),
-                model,
-                stream.worker_settings(),
-            );
-            tokio::spawn(worker.run(stop.clone()));
-        }
+        let worker = hindsight_projections::worker::ProjectionWorker::group(
+            db.pool.clone(),
+            stream.client.clone(),
+            hindsight_projections::READ_MODELS_WORKER,
+            hindsight_projections::live_read_models(),
+            stream.worker_settings(),
+        );
+        tokio::spawn(worker.run(stop.clone()));
         for manager in hindsight_projections::process_managers(app.state.commands.clone()) {
             let worker = hindsight_projections::worker::ProjectionWorker::new(
                 db.pool.clone(),

@@ -82,17 +82,31 @@ pub async fn try_session_lock(
     pool: &PgPool,
     key: &str,
 ) -> Result<Option<PgConnection>, sqlx::Error> {
+    try_session_locks(pool, &[key]).await
+}
+
+/// Takes the session advisory locks named `keys` on one connection of its own, all or
+/// none, as [`try_session_lock`] takes one: `None` (and no lock held) when another session
+/// holds any of them. A projection worker running several read models holds the lock of
+/// each.
+pub async fn try_session_locks(
+    pool: &PgPool,
+    keys: &[&str],
+) -> Result<Option<PgConnection>, sqlx::Error> {
     let mut connection = pool.acquire().await?.detach();
-    let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-        .bind(key)
-        .fetch_one(&mut connection)
-        .await?;
-    if acquired {
-        Ok(Some(connection))
-    } else {
-        connection.close().await.ok();
-        Ok(None)
+    for key in keys {
+        let acquired: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                .bind(key)
+                .fetch_one(&mut connection)
+                .await?;
+        if !acquired {
+            // Ending the session releases whatever this loop took before.
+            connection.close().await.ok();
+            return Ok(None);
+        }
     }
+    Ok(Some(connection))
 }
 
 /// Starts a transaction on a pooled connection, in a way a cancelled caller cannot break.

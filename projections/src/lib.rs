@@ -2,7 +2,8 @@
 //! JetStream and fold them into read models in Postgres, applying each batch and advancing
 //! the projection's checkpoint in one transaction so every event is applied exactly once.
 //!
-//! [`worker`] runs one projection (catch-up from the store, then its durable consumer),
+//! [`worker`] runs projections (catch-up from the store, then one durable consumer for a
+//! group of read models),
 //! [`progress`] lets queries wait for a position, and [`read_model`] defines what a read
 //! model is. One module per read model ([`users`], [`products`], [`orders`], [`sales`],
 //! [`audit_trail`]) holds its tables' apply logic and its queries; [`page`] holds the
@@ -32,7 +33,11 @@ use std::sync::Arc;
 use hindsight_commands::CommandBus;
 use read_model::ReadModel;
 
-/// Every read model, writing its live tables: what the process runs one worker for each.
+/// The name of the worker (and of its JetStream consumer) that runs every read model.
+pub const READ_MODELS_WORKER: &str = "read_models";
+
+/// Every read model, writing its live tables: what the process runs one worker for, as
+/// the group [`READ_MODELS_WORKER`].
 pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
     vec![
         Arc::new(users::Users::live()),

@@ -1,23 +1,27 @@
-//! The projection worker: one durable JetStream consumer per read model, applying events
-//! exactly once.
+//! The projection worker: applies the events the relay publishes to read models, exactly
+//! once.
 //!
-//! Each batch is applied and the projection's checkpoint advanced in one Postgres
-//! transaction; messages are acknowledged only after it commits. That commit does not wait
-//! for its WAL flush: should the database crash first, rows and checkpoint go back
-//! together, and the worker's start-up catch-up applies those events again from the
-//! store. An event at or below the checkpoint is acknowledged and skipped, so redeliveries
-//! and the relay's republishing after a crash change nothing. Every message names the position published
-//! before it, so a worker knows exactly when it has missed something (a new projection, a
-//! stream that no longer holds old messages, a consumer that was recreated): it then
-//! reads the missing range from the event store, which is the source of truth, inside the
-//! same transaction. Only one worker per projection is active at a time (a session
-//! advisory lock), so order holds with several processes; the checkpoint row is locked by
-//! every apply transaction as a second guard.
+//! A worker runs a group of read models (the process runs all read models in one group,
+//! and each process manager in a group of its own) from one durable JetStream consumer.
+//! Each batch of messages is received and decoded once, applied to every member, and the
+//! members' checkpoints advanced, all in one Postgres transaction; messages are
+//! acknowledged only after it commits. That commit does not wait for its WAL flush: should
+//! the database crash first, rows and checkpoints go back together, and the worker's
+//! start-up catch-up applies those events again from the store. An event at or below a
+//! checkpoint is skipped, so redeliveries and the relay's republishing after a crash
+//! change nothing. Every message names the position published before it, so a worker knows
+//! exactly when it has missed something (a new projection, a stream that no longer holds
+//! old messages, a consumer that was recreated): it then reads the missing range from the
+//! event store, which is the source of truth. Only one worker per read model is active at
+//! a time (a session advisory lock per read model), so order holds with several
+//! processes; the checkpoint rows are locked by every apply transaction as a second guard.
+//! A member whose checkpoint another transaction holds (a rebuild swapping its tables in)
+//! is skipped rather than waited for, and catches up from the store once it is free.
 //!
-//! A batch that keeps failing is retried a bounded number of times, then applied event by
-//! event to commit everything before the poison event; the projection then stops at that
-//! event with status `failed` and the error recorded, while other projections go on.
-//! Restarting the worker retries it.
+//! A batch that fails is applied again member by member, each retried a bounded number of
+//! times and then event by event to commit everything before the poison event; that
+//! member then stops at the event with status `failed` and the error recorded, while the
+//! other read models go on. Restarting the worker retries it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,6 +80,9 @@ pub enum WorkerError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// How soon a member left behind (its checkpoint was locked) is tried again.
+const LAGGARD_RETRY: Duration = Duration::from_millis(100);
+
 /// One event as delivered by JetStream.
 #[derive(Debug)]
 struct Delivered {
@@ -107,21 +114,47 @@ fn decode(message: &jetstream::Message) -> Result<Delivered, String> {
     })
 }
 
-/// Runs one read model's projection.
+/// Runs a group of read models (often just one) from one durable consumer.
 pub struct ProjectionWorker {
     pool: PgPool,
     jetstream: jetstream::Context,
-    model: Arc<dyn ReadModel>,
+    name: String,
+    models: Vec<Arc<dyn ReadModel>>,
     settings: WorkerSettings,
 }
 
 impl std::fmt::Debug for ProjectionWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProjectionWorker")
-            .field("projection", &self.model.name())
+            .field("worker", &self.name)
+            .field(
+                "projections",
+                &self
+                    .models
+                    .iter()
+                    .map(|model| model.name())
+                    .collect::<Vec<_>>(),
+            )
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// A read model the worker runs, with the checkpoint it has reached.
+struct Member {
+    model: Arc<dyn ReadModel>,
+    applied: i64,
+}
+
+impl Member {
+    fn name(&self) -> &'static str {
+        self.model.name()
+    }
+}
+
+/// The events of `events` (in position order) after position `from`.
+fn after(events: &[StoredEvent], from: i64) -> &[StoredEvent] {
+    &events[events.partition_point(|event| event.position <= from)..]
 }
 
 /// Where a projection stands, as stored.
@@ -168,47 +201,59 @@ async fn set_status(
 }
 
 impl ProjectionWorker {
+    /// A worker running one read model, from a durable consumer named after it.
     pub fn new(
         pool: PgPool,
         client: async_nats::Client,
         model: Arc<dyn ReadModel>,
         settings: WorkerSettings,
     ) -> Self {
+        let name = model.name().to_owned();
+        Self::group(pool, client, name, vec![model], settings)
+    }
+
+    /// A worker running several read models from one durable consumer named `name`: each
+    /// batch is received and decoded once and applied to all of them in one transaction.
+    pub fn group(
+        pool: PgPool,
+        client: async_nats::Client,
+        name: impl Into<String>,
+        models: Vec<Arc<dyn ReadModel>>,
+        settings: WorkerSettings,
+    ) -> Self {
         Self {
             pool,
             jetstream: jetstream::new(client),
-            model,
+            name: name.into(),
+            models,
             settings,
         }
     }
 
-    pub fn name(&self) -> &'static str {
-        self.model.name()
+    /// The worker's name, which is also its consumer's.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    fn leader_key(&self) -> String {
-        format!(
-            "hindsight-projection:{}:{}",
-            self.settings.stream,
-            self.name()
-        )
+    fn leader_key(&self, projection: &str) -> String {
+        format!("hindsight-projection:{}:{projection}", self.settings.stream)
     }
 
-    /// Runs until `shutdown`, or until the projection is poisoned (then it returns,
-    /// leaving status `failed`; the other projections are not affected).
+    /// Runs until `shutdown`, or until every read model of the worker has stopped on a
+    /// poison event (each is left with status `failed`; the others go on meanwhile).
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut running = self.models.clone();
         let mut backoff = Duration::from_millis(200);
-        while !shutdown.is_cancelled() {
-            match self.lead(&shutdown).await {
+        while !shutdown.is_cancelled() && !running.is_empty() {
+            match self.lead(&mut running, &shutdown).await {
                 Ok(_) => backoff = Duration::from_millis(200),
-                Err(WorkerError::Poisoned { position, error }) => {
-                    tracing::error!(projection = self.name(), position, %error, "projection failed and stopped");
-                    return;
-                }
                 Err(error) => {
-                    tracing::warn!(projection = self.name(), %error, "projection interrupted; retrying");
+                    tracing::warn!(worker = self.name, %error, "projection worker interrupted; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+            if running.is_empty() {
+                return;
             }
             tokio::select! {
                 () = shutdown.cancelled() => {}
@@ -217,49 +262,104 @@ impl ProjectionWorker {
         }
     }
 
-    /// Becomes the active worker of this projection if no one else is. Returns whether it
-    /// did.
-    async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, WorkerError> {
-        let Some(mut leader) =
-            hindsight_commands::db::try_session_lock(&self.pool, &self.leader_key()).await?
+    /// Becomes the active worker of its read models if no one else runs any of them.
+    /// Returns whether it did.
+    async fn lead(
+        &self,
+        running: &mut Vec<Arc<dyn ReadModel>>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        let keys: Vec<String> = running
+            .iter()
+            .map(|model| self.leader_key(model.name()))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let Some(mut leader) = hindsight_commands::db::try_session_locks(&self.pool, &keys).await?
         else {
             return Ok(false);
         };
-        let result = self.project(&mut leader, shutdown).await;
+        let result = self.project(&mut leader, running, shutdown).await;
         leader.close().await.ok();
         result.map(|()| true)
+    }
+
+    /// Drops a member that stopped on a poison event (its status is already `failed`).
+    fn stop_member(
+        &self,
+        running: &mut Vec<Arc<dyn ReadModel>>,
+        name: &str,
+        position: i64,
+        error: &str,
+    ) {
+        tracing::error!(projection = name, position, %error, "projection failed and stopped");
+        running.retain(|model| model.name() != name);
     }
 
     async fn project(
         &self,
         leader: &mut PgConnection,
+        running: &mut Vec<Arc<dyn ReadModel>>,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
-        let name = self.name();
-        sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(name)
+        for model in running.iter() {
+            sqlx::query(
+                "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(model.name())
             .execute(&self.pool)
             .await?;
-        set_status(&self.pool, name, "catching_up", None).await?;
+            set_status(&self.pool, model.name(), "catching_up", None).await?;
+        }
         // Catch up from the store to what the relay has published, then follow the stream.
         let published = relay::checkpoint(&self.pool, &self.settings.stream).await?;
-        // From here on this worker alone moves the checkpoint (it holds the leader lock, and
-        // every commit checks the stored position under a row lock), so it keeps track of
-        // it instead of reading it before every batch.
-        let mut applied = self.apply_store_range(published).await?;
+        // From here on this worker alone moves its checkpoints (it holds the leader locks,
+        // and every commit checks the stored position under a row lock), so it keeps track
+        // of them instead of reading them before every batch.
+        let mut members = Vec::with_capacity(running.len());
+        for model in running.clone() {
+            match self.apply_store_range(&model, published).await {
+                Ok(applied) => members.push(Member { model, applied }),
+                Err(WorkerError::Poisoned { position, error }) => {
+                    self.stop_member(running, model.name(), position, &error);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        // The position the stream is followed from: members below it (held back by a
+        // rebuild's swap, or behind from an earlier run) catch up from the store.
+        let Some(mut at) = members.iter().map(|member| member.applied).max() else {
+            return Ok(());
+        };
         let consumer = self.consumer().await?;
         let mut messages = consumer
             .messages()
             .await
             .map_err(|error| WorkerError::JetStream(error.to_string()))?
             .ready_chunks(self.settings.batch_size);
-        set_status(&self.pool, name, "live", None).await?;
-        tracing::info!(projection = name, "projection is live");
+        for member in &members {
+            set_status(&self.pool, member.name(), "live", None).await?;
+            tracing::info!(
+                projection = member.name(),
+                worker = self.name,
+                "projection is live"
+            );
+        }
         let mut last_leader_check = tokio::time::Instant::now();
+        let mut laggards_tried = tokio::time::Instant::now();
         loop {
+            let behind = members.iter().any(|member| member.applied < at);
+            if behind && laggards_tried.elapsed() >= LAGGARD_RETRY {
+                self.catch_up_laggards(&mut members, running, at).await?;
+                laggards_tried = tokio::time::Instant::now();
+                if members.is_empty() {
+                    return Ok(());
+                }
+                continue;
+            }
             let chunk = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 chunk = messages.next() => chunk,
+                () = tokio::time::sleep_until(laggards_tried + LAGGARD_RETRY), if behind => continue,
             };
             let Some(chunk) = chunk else {
                 return Err(WorkerError::JetStream(
@@ -275,12 +375,17 @@ impl ProjectionWorker {
                     // Not an event we can read: the store is the truth, so the next
                     // well-formed message (or the catch-up it triggers) covers its range.
                     Err(problem) => {
-                        tracing::warn!(projection = name, %problem, "skipping an unreadable message")
+                        tracing::warn!(worker = self.name, %problem, "skipping an unreadable message")
                     }
                 }
                 last_message = Some(message);
             }
-            applied = self.apply_delivered(applied, delivered).await?;
+            at = self
+                .apply_delivered(&mut members, running, at, delivered)
+                .await?;
+            if members.is_empty() {
+                return Ok(());
+            }
             if let Some(message) = last_message {
                 // AckPolicy::All: acknowledging the last acknowledges the batch.
                 message
@@ -301,11 +406,22 @@ impl ProjectionWorker {
             .get_stream(&self.settings.stream)
             .await
             .map_err(|error| WorkerError::JetStream(error.to_string()))?;
+        // Read models once run by a worker of their own now share this one: their old
+        // consumers would only hold state on the server.
+        for model in &self.models {
+            if model.name() != self.name && stream.delete_consumer(model.name()).await.is_ok() {
+                tracing::info!(
+                    worker = self.name,
+                    consumer = model.name(),
+                    "deleted a superseded consumer"
+                );
+            }
+        }
         stream
             .get_or_create_consumer(
-                self.name(),
+                &self.name,
                 consumer::pull::Config {
-                    durable_name: Some(self.name().to_owned()),
+                    durable_name: Some(self.name.clone()),
                     ack_policy: consumer::AckPolicy::All,
                     deliver_policy: consumer::DeliverPolicy::All,
                     ack_wait: Duration::from_secs(30),
@@ -318,67 +434,226 @@ impl ProjectionWorker {
             .map_err(|error| WorkerError::JetStream(error.to_string()))
     }
 
-    /// Applies everything in the store up to `up_to` (a position the relay published);
-    /// answers the checkpoint reached.
-    async fn apply_store_range(&self, up_to: i64) -> Result<i64, WorkerError> {
-        let mut position = checkpoint(&self.pool, self.name())
+    /// Applies everything in the store up to `up_to` (a position the relay published) to
+    /// one read model, on its own; answers the checkpoint reached.
+    async fn apply_store_range(
+        &self,
+        model: &Arc<dyn ReadModel>,
+        up_to: i64,
+    ) -> Result<i64, WorkerError> {
+        let mut position = checkpoint(&self.pool, model.name())
             .await?
             .map_or(0, |checkpoint| checkpoint.position);
         while position < up_to {
             let events =
                 read_events(&self.pool, position, up_to, self.settings.catch_up_batch).await?;
             let last = events.last().map_or(up_to, |event| event.position);
-            self.commit_with_retries(position, &events, last).await?;
+            self.commit_with_retries(model, position, &events, last)
+                .await?;
             position = last;
         }
         Ok(position)
     }
 
-    /// Applies delivered messages after checkpoint `start`: skips what is at or below it,
+    /// Applies delivered messages to the members at `at`: skips what is at or below it,
     /// fills any gap a message's previous position reveals from the store, then applies
-    /// the rest. Answers the new checkpoint.
+    /// the rest. Answers the position reached.
     async fn apply_delivered(
         &self,
-        start: i64,
+        members: &mut Vec<Member>,
+        running: &mut Vec<Arc<dyn ReadModel>>,
+        at: i64,
         delivered: Vec<Delivered>,
     ) -> Result<i64, WorkerError> {
-        let mut applied_to = start;
+        let mut reached = at;
         let mut events = Vec::with_capacity(delivered.len());
         for Delivered { event, previous } in delivered {
-            if event.position <= applied_to {
+            if event.position <= reached {
                 continue;
             }
-            if previous > applied_to {
-                let missing = read_events(&self.pool, applied_to, previous, i64::MAX).await?;
+            if previous > reached {
+                let missing = read_events(&self.pool, reached, previous, i64::MAX).await?;
                 events.extend(missing);
             }
-            applied_to = event.position;
+            reached = event.position;
             events.push(event);
         }
         if events.is_empty() {
-            return Ok(start);
+            return Ok(at);
         }
-        self.commit_with_retries(start, &events, applied_to).await?;
-        Ok(applied_to)
+        let due = members
+            .iter()
+            .enumerate()
+            .filter(|(_, member)| member.applied == at)
+            .map(|(index, _)| index)
+            .collect();
+        self.advance(members, running, due, &events, reached)
+            .await?;
+        Ok(reached)
     }
 
-    /// Applies `events` (all after `from`) and moves the checkpoint to `to`, retrying;
-    /// if the batch keeps failing, commits event by event up to the poison event and
-    /// marks the projection failed there.
+    /// Brings members behind `at` forward from the store, as far as their checkpoints
+    /// are free to take.
+    async fn catch_up_laggards(
+        &self,
+        members: &mut Vec<Member>,
+        running: &mut Vec<Arc<dyn ReadModel>>,
+        at: i64,
+    ) -> Result<(), WorkerError> {
+        let mut index = 0;
+        while index < members.len() {
+            let from = members[index].applied;
+            if from >= at {
+                index += 1;
+                continue;
+            }
+            let name = members[index].name();
+            let events = read_events(&self.pool, from, at, self.settings.catch_up_batch).await?;
+            let to = events.last().map_or(at, |event| event.position);
+            self.advance(members, running, vec![index], &events, to)
+                .await?;
+            match members.get(index) {
+                // Still there and moved: go on with it.
+                Some(member) if member.name() == name && member.applied > from => {}
+                // Its checkpoint is still held (a rebuild's swap): try again later.
+                Some(member) if member.name() == name => index += 1,
+                // Stopped on a poison event: the next member took its place.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `events` (all after the members' common checkpoint) to the members at
+    /// indexes `due` and moves their checkpoints to `to`: in one transaction for all of
+    /// them, and if that fails for what may be the events' fault, member by member, so a
+    /// poison event stops only the read model it breaks. A member whose checkpoint is
+    /// locked (a rebuild swapping its tables in) is left behind for
+    /// [`Self::catch_up_laggards`].
+    async fn advance(
+        &self,
+        members: &mut Vec<Member>,
+        running: &mut Vec<Arc<dyn ReadModel>>,
+        due: Vec<usize>,
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<(), WorkerError> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        let error = match self.commit_together(members, &due, events, to).await {
+            Ok(committed) => {
+                for index in committed {
+                    members[index].applied = to;
+                }
+                return Ok(());
+            }
+            Err(error) if !error.may_be_poison() => return Err(error.into()),
+            Err(error) => error,
+        };
+        if due.len() > 1 {
+            tracing::warn!(worker = self.name, %error, "a batch failed; applying it read model by read model");
+        }
+        let mut poisoned = Vec::new();
+        for &index in &due {
+            let member = &members[index];
+            let from = member.applied;
+            let result = self
+                .commit_with_retries(&member.model, from, after(events, from), to)
+                .await;
+            match result {
+                Ok(()) => members[index].applied = to,
+                Err(WorkerError::Poisoned { position, error }) => {
+                    self.stop_member(running, members[index].name(), position, &error);
+                    poisoned.push(index);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        for index in poisoned.into_iter().rev() {
+            members.remove(index);
+        }
+        Ok(())
+    }
+
+    /// One transaction for the members at `due`: lock the checkpoints no one else holds,
+    /// check each is still where this worker left it, apply, advance them to `to`,
+    /// notify, commit. Answers the members it moved.
+    async fn commit_together(
+        &self,
+        members: &[Member],
+        due: &[usize],
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<Vec<usize>, CommitError> {
+        let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
+        let mut tx = hindsight_commands::db::begin(&self.pool).await?;
+        // See `commit` on why read-model batches do not wait for their WAL flush.
+        let locked: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT name, position, set_config('synchronous_commit', 'off', true) \
+             FROM projection_checkpoints WHERE name = ANY($1) FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&names)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut committed = Vec::with_capacity(locked.len());
+        for (name, position, _) in &locked {
+            let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
+                continue;
+            };
+            if *position != members[index].applied {
+                return Err(CommitError::Moved {
+                    expected: members[index].applied,
+                    found: *position,
+                });
+            }
+            committed.push(index);
+        }
+        if committed.is_empty() {
+            return Ok(committed);
+        }
+        for &index in &committed {
+            let member = &members[index];
+            let events = after(events, member.applied);
+            if !events.is_empty() {
+                member.model.apply(&mut tx, events).await?;
+            }
+        }
+        let names: Vec<&str> = committed
+            .iter()
+            .map(|&index| members[index].name())
+            .collect();
+        sqlx::query(
+            "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+             WHERE name = ANY($1) RETURNING pg_notify($3, name || ':' || position)",
+        )
+        .bind(&names)
+        .bind(to)
+        .bind(PROGRESS_CHANNEL)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(committed)
+    }
+
+    /// Applies `events` (all after `from`) to one read model and moves its checkpoint to
+    /// `to`, retrying; if the batch keeps failing, commits event by event up to the poison
+    /// event and marks the projection failed there.
     async fn commit_with_retries(
         &self,
+        model: &Arc<dyn ReadModel>,
         from: i64,
         events: &[StoredEvent],
         to: i64,
     ) -> Result<(), WorkerError> {
         let mut last_error = None;
         for attempt in 1..=self.settings.max_attempts.max(1) {
-            match self.commit(from, events, to).await {
+            match self.commit(model, from, events, to).await {
                 Ok(()) => return Ok(()),
                 // Not the events' fault: give up this round and let the lead loop retry.
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
                 Err(error) => {
-                    tracing::warn!(projection = self.name(), attempt, %error, "applying a batch failed");
+                    tracing::warn!(projection = model.name(), attempt, %error, "applying a batch failed");
                     last_error = Some(error);
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 }
@@ -389,28 +664,35 @@ impl ProjectionWorker {
         };
         if events.len() <= 1 {
             let position = events.first().map_or(to, |event| event.position);
-            return self.poisoned(position, batch_error).await;
+            return self.poisoned(model, position, batch_error).await;
         }
         // Find the poison event, committing everything before it.
         let mut position = from;
         for event in events {
             match self
-                .commit(position, std::slice::from_ref(event), event.position)
+                .commit(model, position, std::slice::from_ref(event), event.position)
                 .await
             {
                 Ok(()) => position = event.position,
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
-                Err(error) => return self.poisoned(event.position, error).await,
+                Err(error) => return self.poisoned(model, event.position, error).await,
             }
         }
-        self.commit(position, &[], to).await.map_err(Into::into)
+        self.commit(model, position, &[], to)
+            .await
+            .map_err(Into::into)
     }
 
-    async fn poisoned(&self, position: i64, error: CommitError) -> Result<(), WorkerError> {
+    async fn poisoned(
+        &self,
+        model: &Arc<dyn ReadModel>,
+        position: i64,
+        error: CommitError,
+    ) -> Result<(), WorkerError> {
         let message = error.to_string();
         set_status(
             &self.pool,
-            self.name(),
+            model.name(),
             "failed",
             Some((&message, position)),
         )
@@ -421,10 +703,16 @@ impl ProjectionWorker {
         })
     }
 
-    /// One transaction: lock the checkpoint, check it is still `from`, apply, advance to
-    /// `to`, notify, commit.
-    async fn commit(&self, from: i64, events: &[StoredEvent], to: i64) -> Result<(), CommitError> {
-        let name = self.name();
+    /// One transaction for one read model: lock its checkpoint (waiting for it), check it
+    /// is still `from`, apply, advance to `to`, notify, commit.
+    async fn commit(
+        &self,
+        model: &Arc<dyn ReadModel>,
+        from: i64,
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<(), CommitError> {
+        let name = model.name();
         let mut tx = hindsight_commands::db::begin(&self.pool).await?;
         // A read model is derived from the events, which are durable before the relay
         // publishes them: its batches need not wait for their own WAL flush. If the
@@ -445,7 +733,7 @@ impl ProjectionWorker {
                 found: current,
             });
         }
-        self.model.apply(&mut tx, events).await?;
+        model.apply(&mut tx, events).await?;
         sqlx::query(
             "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1 \
              RETURNING pg_notify($3, $4)",

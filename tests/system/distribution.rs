@@ -472,6 +472,217 @@ async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() 
     relay_stop.cancel();
 }
 
+fn ledger_model(name: &'static str, cured: bool) -> Arc<dyn ReadModel> {
+    Arc::new(Ledger { name, cured })
+}
+
+fn spawn_group(
+    db: &TestDb,
+    stream: &TestStream,
+    name: &str,
+    models: Vec<Arc<dyn ReadModel>>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let worker = ProjectionWorker::group(
+        db.pool.clone(),
+        stream.client.clone(),
+        name,
+        models,
+        stream.worker_settings(),
+    );
+    tokio::spawn(worker.run(stop.clone()));
+    stop
+}
+
+async fn checkpoint_position(db: &TestDb, name: &str) -> i64 {
+    worker::checkpoint(&db.pool, name)
+        .await
+        .unwrap()
+        .map_or(0, |checkpoint| checkpoint.position)
+}
+
+#[tokio::test]
+async fn a_poison_event_in_a_group_stops_only_the_read_model_it_breaks() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let group = spawn_group(
+        &db,
+        &stream,
+        "ledgers",
+        vec![ledger_model("sick", false), ledger_model("healthy", true)],
+    );
+    projection_goes_live(&db, "sick").await;
+    projection_goes_live(&db, "healthy").await;
+
+    let product = create_product(&db, "GROUP-POISON-1").await;
+    let before = restock(&db, product, 2).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
+    tx.commit().await.unwrap();
+    let mut last = 0;
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+
+    projection_reaches(&db, "healthy", last).await;
+    eventually(20, "sick projection failed", || async {
+        worker::checkpoint(&db.pool, "sick")
+            .await
+            .unwrap()
+            .is_some_and(|checkpoint| checkpoint.status == "failed")
+    })
+    .await;
+    let failed = worker::checkpoint(&db.pool, "sick").await.unwrap().unwrap();
+    assert_eq!(
+        failed.position,
+        poison - 1,
+        "stops just before the poison event"
+    );
+    assert!(failed.last_error.unwrap().contains("poison event"));
+    let committed = committed_positions(&db).await;
+    assert_eq!(ledger(&db, "healthy").await, committed);
+    let before_poison: Vec<i64> = committed.iter().copied().filter(|&p| p < poison).collect();
+    assert!(before_poison.contains(&before));
+    assert_eq!(ledger(&db, "sick").await, before_poison);
+
+    // The healthy member goes on alone while the sick one stays stopped.
+    let later = restock(&db, product, 1).await;
+    projection_reaches(&db, "healthy", later).await;
+    assert_eq!(checkpoint_position(&db, "sick").await, poison - 1);
+
+    // Fixed and restarted, the group resumes the sick member where it stopped.
+    group.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cured = spawn_group(
+        &db,
+        &stream,
+        "ledgers",
+        vec![ledger_model("sick", true), ledger_model("healthy", true)],
+    );
+    let last = restock(&db, product, 1).await;
+    projection_reaches(&db, "sick", last).await;
+    projection_reaches(&db, "healthy", last).await;
+    let committed = committed_positions(&db).await;
+    assert_eq!(ledger(&db, "sick").await, committed);
+    assert_eq!(ledger(&db, "healthy").await, committed);
+    cured.cancel();
+    relay_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_group_member_whose_checkpoint_is_held_is_skipped_then_catches_up_by_itself() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let group = spawn_group(
+        &db,
+        &stream,
+        "pair",
+        vec![ledger_model("held", true), ledger_model("free", true)],
+    );
+    let product = create_product(&db, "GROUP-HELD-1").await;
+    let first = restock(&db, product, 1).await;
+    projection_reaches(&db, "held", first).await;
+    projection_reaches(&db, "free", first).await;
+
+    // What a rebuild's swap does: hold the checkpoint row.
+    let mut swap = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT position FROM projection_checkpoints WHERE name = 'held' FOR UPDATE")
+        .execute(&mut *swap)
+        .await
+        .unwrap();
+    let mut last = 0;
+    for n in 1..=10 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "free", last).await;
+    assert_eq!(
+        checkpoint_position(&db, "held").await,
+        first,
+        "the held member waits without holding the others up"
+    );
+
+    // Released, it catches up from the store with no new event to carry it.
+    swap.rollback().await.unwrap();
+    projection_reaches(&db, "held", last).await;
+    let committed = committed_positions(&db).await;
+    assert_eq!(ledger(&db, "held").await, committed);
+    assert_eq!(ledger(&db, "free").await, committed);
+
+    // And it follows the stream with the others again.
+    let later = restock(&db, product, 1).await;
+    projection_reaches(&db, "held", later).await;
+    projection_reaches(&db, "free", later).await;
+    group.cancel();
+    relay_stop.cancel();
+}
+
+#[tokio::test]
+async fn a_group_takes_over_read_models_that_had_a_worker_of_their_own() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let solo = spawn_worker(
+        &db,
+        &stream,
+        Arc::new(Ledger {
+            name: "solo",
+            cured: true,
+        }),
+    );
+    let product = create_product(&db, "GROUP-TAKEOVER-1").await;
+    let mut last = 0;
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "solo", last).await;
+    projection_goes_live(&db, "solo").await;
+    let jetstream = async_nats::jetstream::new(stream.client.clone());
+    let nats_stream = jetstream.get_stream(&stream.stream).await.unwrap();
+    assert!(nats_stream.consumer_info("solo").await.is_ok());
+
+    // While the lone worker runs, the group cannot lead: one worker per read model.
+    let group = spawn_group(
+        &db,
+        &stream,
+        "together",
+        vec![ledger_model("solo", true), ledger_model("newcomer", true)],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(worker::checkpoint(&db.pool, "newcomer")
+        .await
+        .unwrap()
+        .is_none());
+
+    solo.cancel();
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "solo", last).await;
+    projection_reaches(&db, "newcomer", last).await;
+    let committed = committed_positions(&db).await;
+    assert_eq!(
+        ledger(&db, "solo").await,
+        committed,
+        "nothing applied twice or missed"
+    );
+    assert_eq!(
+        ledger(&db, "newcomer").await,
+        committed,
+        "replayed from the store"
+    );
+    assert!(
+        nats_stream.consumer_info("solo").await.is_err(),
+        "the superseded consumer is deleted"
+    );
+    group.cancel();
+    relay_stop.cancel();
+}
+
 #[tokio::test]
 async fn queries_can_wait_for_a_position_and_report_lag_past_the_bound() {
     let db = TestDb::new().await;
