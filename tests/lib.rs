@@ -479,14 +479,16 @@ impl TestSystem {
         )
         .with_local_appends(app.state.commands.appends().watch());
         tokio::spawn(relay.run(stop.clone()));
-        let worker = hindsight_projections::worker::ProjectionWorker::group(
-            db.pool.clone(),
-            stream.client.clone(),
-            hindsight_projections::READ_MODELS_WORKER,
-            hindsight_projections::live_read_models(),
-            stream.worker_settings(),
-        );
-        tokio::spawn(worker.run(stop.clone()));
+        for (name, models) in hindsight_projections::read_model_groups() {
+            let worker = hindsight_projections::worker::ProjectionWorker::group(
+                db.pool.clone(),
+                stream.client.clone(),
+                name,
+                models,
+                stream.worker_settings(),
+            );
+            tokio::spawn(worker.run(stop.clone()));
+        }
         for manager in hindsight_projections::process_managers(app.state.commands.clone()) {
             let worker = hindsight_projections::worker::ProjectionWorker::new(
                 db.pool.clone(),

@@ -152,15 +152,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // stops on a poison event must not stop the process or the other projections.
     let mut workers = JoinSet::new();
     if args.run_projections {
-        // One worker, one consumer and one transaction per batch for every read model.
-        let worker = ProjectionWorker::group(
-            state.pool.clone(),
-            nats.clone(),
-            hindsight_projections::READ_MODELS_WORKER,
-            hindsight_projections::live_read_models(),
-            WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix),
-        );
-        workers.spawn(worker.run(shutdown.clone()));
+        // One worker, one consumer and one transaction per batch for each group of read
+        // models.
+        for (name, models) in hindsight_projections::read_model_groups() {
+            let worker = ProjectionWorker::group(
+                state.pool.clone(),
+                nats.clone(),
+                name,
+                models,
+                WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix),
+            );
+            workers.spawn(worker.run(shutdown.clone()));
+        }
         // Process managers issue commands inside their batch: small batches keep their
         // transaction (and the work redone after a crash) short.
         for manager in hindsight_projections::process_managers(state.commands.clone()) {

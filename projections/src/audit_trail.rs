@@ -26,6 +26,9 @@ use crate::page::{
 use crate::read_model::{ApplyError, ReadModel};
 
 const TRAIL_TABLE: &str = "audit_trail";
+
+/// The projection's name (its checkpoint, and the worker that runs it alone).
+pub const NAME: &str = "audit_trail";
 const STOCK_TABLE: &str = "audit_trail_product_stock";
 const COLUMNS: &str = "position, event_id, recorded_at, actor_id, actor_role, request_id, \
      correlation_id, causation_id, aggregate_type, aggregate_id, event_type, summary";
@@ -403,7 +406,7 @@ fn summarize_order(change: OrderEvent) -> String {
 
 impl ReadModel for AuditTrail {
     fn name(&self) -> &'static str {
-        "audit_trail"
+        NAME
     }
 
     fn tables(&self) -> Vec<String> {

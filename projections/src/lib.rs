@@ -3,7 +3,7 @@
 //! the projection's checkpoint in one transaction so every event is applied exactly once.
 //!
 //! [`worker`] runs projections (catch-up from the store, then one durable consumer for a
-//! group of read models),
+//! group of read models; [`read_model_groups`] says which run together),
 //! [`progress`] lets queries wait for a position, and [`read_model`] defines what a read
 //! model is. One module per read model ([`users`], [`products`], [`orders`], [`sales`],
 //! [`audit_trail`]) holds its tables' apply logic and its queries; [`page`] holds the
@@ -33,11 +33,7 @@ use std::sync::Arc;
 use hindsight_commands::CommandBus;
 use read_model::ReadModel;
 
-/// The name of the worker (and of its JetStream consumer) that runs every read model.
-pub const READ_MODELS_WORKER: &str = "read_models";
-
-/// Every read model, writing its live tables: what the process runs one worker for, as
-/// the group [`READ_MODELS_WORKER`].
+/// Every read model, writing its live tables.
 pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
     vec![
         Arc::new(users::Users::live()),
@@ -46,6 +42,17 @@ pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
         Arc::new(sales::Sales::live()),
         Arc::new(audit_trail::AuditTrail::live()),
     ]
+}
+
+/// How the process runs the read models: each group is one worker with one JetStream
+/// consumer (named as the group) and one transaction per batch. The audit trail, which
+/// writes the most per event, has a worker of its own, so its statements do not add to the
+/// latency of the other read models' batches.
+pub fn read_model_groups() -> Vec<(&'static str, Vec<Arc<dyn ReadModel>>)> {
+    let (audit, others): (Vec<_>, Vec<_>) = live_read_models()
+        .into_iter()
+        .partition(|model| model.name() == audit_trail::NAME);
+    vec![("read_models", others), (audit_trail::NAME, audit)]
 }
 
 /// A read model by name, writing to its tables with `suffix` (for rebuilds).
@@ -64,4 +71,39 @@ pub fn read_model_with_suffix(name: &str, suffix: &str) -> Option<Arc<dyn ReadMo
 /// runs one worker for each, beside the read models.
 pub fn process_managers(commands: CommandBus) -> Vec<Arc<dyn ReadModel>> {
     vec![Arc::new(order_process::OrderProcess::new(commands))]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_read_model_runs_in_exactly_one_group() {
+        let mut grouped: Vec<&str> = read_model_groups()
+            .iter()
+            .flat_map(|(_, models)| models.iter().map(|model| model.name()))
+            .collect();
+        grouped.sort_unstable();
+        let mut live: Vec<&str> = live_read_models()
+            .iter()
+            .map(|model| model.name())
+            .collect();
+        live.sort_unstable();
+        assert_eq!(grouped, live);
+    }
+
+    #[test]
+    fn a_group_consumer_is_named_after_no_other_groups_read_model() {
+        let groups = read_model_groups();
+        for (name, models) in &groups {
+            assert!(!models.is_empty(), "group {name} is empty");
+            // A group may keep the consumer of its only member; it must never take over
+            // (or delete) the consumer of a read model of another group.
+            for (other, other_models) in &groups {
+                if other != name {
+                    assert!(other_models.iter().all(|model| model.name() != *name));
+                }
+            }
+        }
+    }
 }

@@ -6,9 +6,9 @@
 //! one reading of the history: each batch is read and decoded once and applied to every
 //! copy by a task of its own, on a connection of its own. The copies' secondary indexes
 //! are built once, after the replay. When a copy has caught up with its live checkpoint,
-//! one transaction locks the checkpoint row (so the live worker pauses between batches),
-//! applies the last few events to the copy, compares copy and live table by table, and
-//! renames the copy into place. Queries wait at most for that rename. A rebuild killed
+//! one transaction locks the checkpoint row (so the live worker leaves this read model
+//! alone meanwhile), applies the last few events to the copy, compares copy and live table
+//! by table, and renames the copy into place. Queries wait at most for that rename. A rebuild killed
 //! half-way leaves the live tables untouched; the next one drops the leftover copy and
 //! starts again. One rebuild per projection runs at a time.
 
