@@ -278,6 +278,10 @@ struct Ledger {
     cured: bool,
 }
 
+fn ledger_model(name: &'static str, cured: bool) -> Arc<dyn ReadModel> {
+    Arc::new(Ledger { name, cured })
+}
+
 impl ReadModel for Ledger {
     fn name(&self) -> &'static str {
         self.name
@@ -328,6 +332,32 @@ async fn ledger(db: &TestDb, name: &str) -> Vec<i64> {
         .unwrap()
 }
 
+/// Appends an event the `Ledger` refuses unless cured; answers its position.
+async fn append_poison(db: &TestDb) -> i64 {
+    let mut tx = db.pool.begin().await.unwrap();
+    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
+    tx.commit().await.unwrap();
+    poison
+}
+
+/// Waits for projection `name` to fail, and checks it stopped just before `poison`.
+async fn stops_just_before(db: &TestDb, name: &str, poison: i64) {
+    eventually(20, &format!("{name} projection failed"), || async {
+        worker::checkpoint(&db.pool, name)
+            .await
+            .unwrap()
+            .is_some_and(|checkpoint| checkpoint.status == "failed")
+    })
+    .await;
+    let failed = worker::checkpoint(&db.pool, name).await.unwrap().unwrap();
+    assert_eq!(
+        failed.position,
+        poison - 1,
+        "stops just before the poison event"
+    );
+    assert!(failed.last_error.unwrap().contains("poison event"));
+}
+
 fn spawn_worker(db: &TestDb, stream: &TestStream, model: Arc<dyn ReadModel>) -> CancellationToken {
     let stop = CancellationToken::new();
     let worker = ProjectionWorker::new(
@@ -374,14 +404,7 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
     relay_reaches(&db, &stream, last).await;
 
     // Started late: must replay what exists, then follow new events.
-    let worker_stop = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "ledger",
-            cured: true,
-        }),
-    );
+    let worker_stop = spawn_worker(&db, &stream, ledger_model("ledger", true));
     for n in 1..=30 {
         last = restock(&db, product, n).await;
     }
@@ -392,14 +415,7 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
     // A restarted worker (and redelivered messages) applies nothing twice.
     worker_stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let again = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "ledger",
-            cured: true,
-        }),
-    );
+    let again = spawn_worker(&db, &stream, ledger_model("ledger", true));
     last = restock(&db, product, 1).await;
     projection_reaches(&db, "ledger", last).await;
     assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
@@ -413,56 +429,20 @@ async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() 
     ledger_table(&db).await;
     let stream = TestStream::new().await;
     let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let sick = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "sick",
-            cured: false,
-        }),
-    );
-    let healthy = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "healthy",
-            cured: true,
-        }),
-    );
+    let sick = spawn_worker(&db, &stream, ledger_model("sick", false));
+    let healthy = spawn_worker(&db, &stream, ledger_model("healthy", true));
 
     let product = create_product(&db, "POISON-1").await;
-    let mut tx = db.pool.begin().await.unwrap();
-    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
-    tx.commit().await.unwrap();
+    let poison = append_poison(&db).await;
     let last = restock(&db, product, 3).await;
 
     projection_reaches(&db, "healthy", last).await;
-    eventually(20, "sick projection failed", || async {
-        worker::checkpoint(&db.pool, "sick")
-            .await
-            .unwrap()
-            .is_some_and(|checkpoint| checkpoint.status == "failed")
-    })
-    .await;
-    let failed = worker::checkpoint(&db.pool, "sick").await.unwrap().unwrap();
-    assert_eq!(
-        failed.position,
-        poison - 1,
-        "stops just before the poison event"
-    );
-    assert!(failed.last_error.unwrap().contains("poison event"));
+    stops_just_before(&db, "sick", poison).await;
     assert_eq!(ledger(&db, "healthy").await, committed_positions(&db).await);
 
     // Fixed and restarted, it resumes where it stopped.
     sick.cancel();
-    let cured = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "sick",
-            cured: true,
-        }),
-    );
+    let cured = spawn_worker(&db, &stream, ledger_model("sick", true));
     projection_reaches(&db, "sick", last).await;
     assert_eq!(ledger(&db, "sick").await, committed_positions(&db).await);
     // It replays from the store first, then goes live on the stream.
@@ -470,10 +450,6 @@ async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() 
     cured.cancel();
     healthy.cancel();
     relay_stop.cancel();
-}
-
-fn ledger_model(name: &'static str, cured: bool) -> Arc<dyn ReadModel> {
-    Arc::new(Ledger { name, cured })
 }
 
 fn spawn_group(
@@ -518,29 +494,14 @@ async fn a_poison_event_in_a_group_stops_only_the_read_model_it_breaks() {
 
     let product = create_product(&db, "GROUP-POISON-1").await;
     let before = restock(&db, product, 2).await;
-    let mut tx = db.pool.begin().await.unwrap();
-    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
-    tx.commit().await.unwrap();
+    let poison = append_poison(&db).await;
     let mut last = 0;
     for n in 1..=5 {
         last = restock(&db, product, n).await;
     }
 
     projection_reaches(&db, "healthy", last).await;
-    eventually(20, "sick projection failed", || async {
-        worker::checkpoint(&db.pool, "sick")
-            .await
-            .unwrap()
-            .is_some_and(|checkpoint| checkpoint.status == "failed")
-    })
-    .await;
-    let failed = worker::checkpoint(&db.pool, "sick").await.unwrap().unwrap();
-    assert_eq!(
-        failed.position,
-        poison - 1,
-        "stops just before the poison event"
-    );
-    assert!(failed.last_error.unwrap().contains("poison event"));
+    stops_just_before(&db, "sick", poison).await;
     let committed = committed_positions(&db).await;
     assert_eq!(ledger(&db, "healthy").await, committed);
     let before_poison: Vec<i64> = committed.iter().copied().filter(|&p| p < poison).collect();
@@ -626,14 +587,7 @@ async fn a_group_takes_over_read_models_that_had_a_worker_of_their_own() {
     ledger_table(&db).await;
     let stream = TestStream::new().await;
     let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let solo = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "solo",
-            cured: true,
-        }),
-    );
+    let solo = spawn_worker(&db, &stream, ledger_model("solo", true));
     let product = create_product(&db, "GROUP-TAKEOVER-1").await;
     let mut last = 0;
     for n in 1..=5 {
@@ -693,14 +647,7 @@ async fn queries_can_wait_for_a_position_and_report_lag_past_the_bound() {
         .await
         .unwrap();
     let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let worker_stop = spawn_worker(
-        &db,
-        &stream,
-        Arc::new(Ledger {
-            name: "ryw",
-            cured: true,
-        }),
-    );
+    let worker_stop = spawn_worker(&db, &stream, ledger_model("ryw", true));
     let product = create_product(&db, "RYW-1").await;
     let position = restock(&db, product, 2).await;
 
