@@ -315,9 +315,17 @@ impl ProjectionWorker {
         // From here on this worker alone moves its checkpoints (it holds the leader locks,
         // and every commit checks the stored position under a row lock), so it keeps track
         // of them instead of reading them before every batch.
-        let mut members = Vec::with_capacity(running.len());
-        for model in running.clone() {
-            match self.apply_store_range(&model, published).await {
+        // The members catch up side by side, each in transactions of its own.
+        let caught_up = futures::future::join_all(running.iter().map(|model| async move {
+            (
+                model.clone(),
+                self.apply_store_range(model, published).await,
+            )
+        }))
+        .await;
+        let mut members = Vec::with_capacity(caught_up.len());
+        for (model, result) in caught_up {
+            match result {
                 Ok(applied) => members.push(Member { model, applied }),
                 Err(WorkerError::Poisoned { position, error }) => {
                     self.stop_member(running, model.name(), position, &error);
