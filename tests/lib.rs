@@ -479,23 +479,12 @@ impl TestSystem {
         )
         .with_local_appends(app.state.commands.appends().watch());
         tokio::spawn(relay.run(stop.clone()));
-        for (name, models) in hindsight_projections::read_model_groups() {
-            let worker = hindsight_projections::worker::ProjectionWorker::group(
-                db.pool.clone(),
-                stream.client.clone(),
-                name,
-                models,
-                stream.worker_settings(),
-            );
-            tokio::spawn(worker.run(stop.clone()));
-        }
-        for manager in hindsight_projections::process_managers(app.state.commands.clone()) {
-            let worker = hindsight_projections::worker::ProjectionWorker::new(
-                db.pool.clone(),
-                stream.client.clone(),
-                manager,
-                stream.worker_settings(),
-            );
+        for worker in hindsight_projections::workers(
+            &db.pool,
+            &stream.client,
+            app.state.commands.clone(),
+            &stream.worker_settings(),
+        ) {
             tokio::spawn(worker.run(stop.clone()));
         }
         Self {

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use hindsight_commands::relay::{Relay, RelaySettings};
 use hindsight_commands::{db, CommandBus};
 use hindsight_projections::progress::ProjectionProgress;
-use hindsight_projections::worker::{ProjectionWorker, WorkerSettings};
+use hindsight_projections::worker::WorkerSettings;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -152,25 +152,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // stops on a poison event must not stop the process or the other projections.
     let mut workers = JoinSet::new();
     if args.run_projections {
-        // One worker, one consumer and one transaction per batch for each group of read
-        // models.
-        for (name, models) in hindsight_projections::read_model_groups() {
-            let worker = ProjectionWorker::group(
-                state.pool.clone(),
-                nats.clone(),
-                name,
-                models,
-                WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix),
-            );
-            workers.spawn(worker.run(shutdown.clone()));
-        }
-        // Process managers issue commands inside their batch: small batches keep their
-        // transaction (and the work redone after a crash) short.
-        for manager in hindsight_projections::process_managers(state.commands.clone()) {
-            let mut settings = WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix);
-            settings.batch_size = 50;
-            settings.catch_up_batch = 200;
-            let worker = ProjectionWorker::new(state.pool.clone(), nats.clone(), manager, settings);
+        let settings = WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix);
+        for worker in
+            hindsight_projections::workers(&state.pool, &nats, state.commands.clone(), &settings)
+        {
             workers.spawn(worker.run(shutdown.clone()));
         }
     }

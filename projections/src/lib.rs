@@ -32,6 +32,8 @@ use std::sync::Arc;
 
 use hindsight_commands::CommandBus;
 use read_model::ReadModel;
+use sqlx::PgPool;
+use worker::{ProjectionWorker, WorkerSettings};
 
 /// Every read model, writing its live tables.
 pub fn live_read_models() -> Vec<Arc<dyn ReadModel>> {
@@ -71,6 +73,36 @@ pub fn read_model_with_suffix(name: &str, suffix: &str) -> Option<Arc<dyn ReadMo
 /// runs one worker for each, beside the read models.
 pub fn process_managers(commands: CommandBus) -> Vec<Arc<dyn ReadModel>> {
     vec![Arc::new(order_process::OrderProcess::new(commands))]
+}
+
+/// Every worker a process runs for the read side, following `settings`'s stream: one per
+/// group of [`read_model_groups`], and one per process manager with small batches (its
+/// commands run inside the batch, so short batches keep the work redone after a crash
+/// short).
+pub fn workers(
+    pool: &PgPool,
+    client: &async_nats::Client,
+    commands: CommandBus,
+    settings: &WorkerSettings,
+) -> Vec<ProjectionWorker> {
+    let mut workers: Vec<ProjectionWorker> = read_model_groups()
+        .into_iter()
+        .map(|(name, models)| {
+            ProjectionWorker::group(pool.clone(), client.clone(), name, models, settings.clone())
+        })
+        .collect();
+    let mut manager_settings = settings.clone();
+    manager_settings.batch_size = 50;
+    manager_settings.catch_up_batch = 200;
+    workers.extend(process_managers(commands).into_iter().map(|manager| {
+        ProjectionWorker::new(
+            pool.clone(),
+            client.clone(),
+            manager,
+            manager_settings.clone(),
+        )
+    }));
+    workers
 }
 
 #[cfg(test)]

@@ -180,18 +180,19 @@ pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Option<Checkpoint>,
     }))
 }
 
+/// Sets the status of the projections `names` (with the error and where it happened).
 async fn set_status(
     pool: &PgPool,
-    name: &str,
+    names: &[&str],
     status: &str,
     error: Option<(&str, i64)>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE projection_checkpoints \
          SET status = $2, last_error = $3, failed_position = $4, updated_at = now() \
-         WHERE name = $1",
+         WHERE name = ANY($1)",
     )
-    .bind(name)
+    .bind(names)
     .bind(status)
     .bind(error.map(|(message, _)| message))
     .bind(error.map(|(_, position)| position))
@@ -301,21 +302,21 @@ impl ProjectionWorker {
         running: &mut Vec<Arc<dyn ReadModel>>,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
-        for model in running.iter() {
-            sqlx::query(
-                "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            )
-            .bind(model.name())
-            .execute(&self.pool)
-            .await?;
-            set_status(&self.pool, model.name(), "catching_up", None).await?;
-        }
+        let names: Vec<&str> = running.iter().map(|model| model.name()).collect();
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&names)
+        .execute(&self.pool)
+        .await?;
+        set_status(&self.pool, &names, "catching_up", None).await?;
         // Catch up from the store to what the relay has published, then follow the stream.
+        // The members catch up side by side, each in transactions of its own. From here on
+        // this worker alone moves their checkpoints (it holds the leader locks, and every
+        // commit checks the stored position under a row lock), so it keeps track of them
+        // instead of reading them before every batch.
         let published = relay::checkpoint(&self.pool, &self.settings.stream).await?;
-        // From here on this worker alone moves its checkpoints (it holds the leader locks,
-        // and every commit checks the stored position under a row lock), so it keeps track
-        // of them instead of reading them before every batch.
-        // The members catch up side by side, each in transactions of its own.
         let caught_up = futures::future::join_all(running.iter().map(|model| async move {
             (
                 model.clone(),
@@ -344,8 +345,9 @@ impl ProjectionWorker {
             .await
             .map_err(|error| WorkerError::JetStream(error.to_string()))?
             .ready_chunks(self.settings.batch_size);
+        let names: Vec<&str> = members.iter().map(Member::name).collect();
+        set_status(&self.pool, &names, "live", None).await?;
         for member in &members {
-            set_status(&self.pool, member.name(), "live", None).await?;
             tracing::info!(
                 projection = member.name(),
                 worker = self.name,
@@ -700,7 +702,7 @@ impl ProjectionWorker {
         let message = error.to_string();
         set_status(
             &self.pool,
-            model.name(),
+            &[model.name()],
             "failed",
             Some((&message, position)),
         )
