@@ -156,6 +156,13 @@ impl TestApp {
         )
         .await
         .expect("listen for projection progress");
+        let access = hindsight_api::access::AccessCache::start(
+            db.pool.clone(),
+            std::time::Duration::from_secs(60),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("listen for access changes");
         let mut state = AppState {
             commands: db.commands(StoreSettings::default()),
             pool: db.pool.clone(),
@@ -170,6 +177,7 @@ impl TestApp {
                 std::time::Duration::from_secs(900),
                 std::time::Duration::from_secs(30 * 24 * 3600),
             )),
+            access,
             login_throttle: Arc::new(hindsight_api::routes::auth::LoginThrottle::per_hour(100)),
             // Off by default: tests send many requests from one address. The rate-limit
             // test switches them on with `spawn_with`.

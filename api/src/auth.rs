@@ -340,7 +340,9 @@ impl AuthUser {
             .tokens
             .verify_access(token.trim())
             .ok_or(ApiError::Unauthenticated)?;
-        let access = access_of(&state.pool, claims.sub)
+        let access = state
+            .access
+            .get(claims.sub)
             .await?
             .ok_or(ApiError::Unauthenticated)?;
         if !access.active || access.token_version != claims.ver || access.role != claims.role {

@@ -311,6 +311,11 @@ pub struct ServeArgs {
     /// How long an `Idempotency-Key` and its stored answer are kept.
     #[arg(long, env = "HINDSIGHT_IDEMPOTENCY_TTL", value_name = "HINDSIGHT_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
+    /// How long a caller's access (role, active, token version) is kept in memory; changes
+    /// drop it at once (they are announced by the database), this only bounds the worst
+    /// case. `0s` reads it from the database on every request.
+    #[arg(long, env = "HINDSIGHT_ACCESS_CACHE_TTL", value_name = "HINDSIGHT_ACCESS_CACHE_TTL", default_value = "60s", value_parser = parse_duration_or_zero)]
+    pub access_cache_ttl: Duration,
     /// Largest number of password hashes computed at once.
     #[arg(long, env = "HINDSIGHT_MAX_CONCURRENT_HASHES", value_name = "HINDSIGHT_MAX_CONCURRENT_HASHES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_concurrent_hashes: u32,
@@ -462,6 +467,12 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".to_owned());
     }
     Ok(duration)
+}
+
+/// A duration where zero is allowed (it switches something off).
+fn parse_duration_or_zero(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|error| format!("not a duration such as `60s` or `0s`: {error}"))
 }
 
 fn parse_switch(value: &str) -> Result<bool, String> {

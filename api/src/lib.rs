@@ -18,6 +18,7 @@ use axum::Router;
 use tower_http::compression::CompressionLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+pub mod access;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -15,6 +15,7 @@ use hindsight_projections::worker::WorkerSettings;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessCache;
 use crate::config::ServeArgs;
 use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
@@ -61,6 +62,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let progress = ProjectionProgress::start(pool.clone(), shutdown.clone())
         .await
         .context("listening for projection progress (check DATABASE_URL)")?;
+    let access = AccessCache::start(pool.clone(), args.access_cache_ttl, shutdown.clone())
+        .await
+        .context("listening for access changes (check DATABASE_URL)")?;
     let state = AppState {
         commands,
         pool,
@@ -76,6 +80,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             idempotency_ttl: args.idempotency_ttl,
         }),
         tokens: Arc::new(tokens),
+        access,
         login_throttle: Arc::new(LoginThrottle::per_hour(args.failed_logins_per_hour)),
         integrity_key: args.audit_key.key(),
         rate_limits: args.rate_limits.then(|| {

@@ -6,6 +6,7 @@ use hindsight_commands::CommandBus;
 use hindsight_projections::progress::ProjectionProgress;
 use sqlx::PgPool;
 
+use crate::access::AccessCache;
 use crate::auth::Tokens;
 use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub progress: ProjectionProgress,
     pub settings: Arc<HttpSettings>,
     pub tokens: Arc<Tokens>,
+    /// Callers' rows of `user_access`, kept while no change to them is announced.
+    pub access: AccessCache,
     pub login_throttle: Arc<LoginThrottle>,
     /// Per-IP limits; `None` when switched off.
     pub rate_limits: Option<Arc<RateLimits>>,

@@ -2,9 +2,12 @@
 //! authorization and ownership, read-your-writes, optimistic concurrency, and the error
 //! envelope.
 
+use std::time::Duration;
+
 use base64::Engine as _;
+use hindsight_api::access::RECONNECT_AFTER;
 use hindsight_domain::role::Role;
-use hindsight_tests::{TestSystem, TEST_JWT_SECRET};
+use hindsight_tests::{eventually, TestApp, TestSystem, TEST_JWT_SECRET};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -601,6 +604,161 @@ async fn password_role_and_status_changes_end_existing_sessions_at_once() {
         .await
         .unwrap();
     assert_eq!(login.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// `GET /api/v1/users/me` on `app` with `token`: its status.
+async fn me_on(app: &TestApp, token: &str) -> StatusCode {
+    app.client
+        .get(app.url("/api/v1/users/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// The database sessions listening for access changes in `system`'s database.
+async fn access_listeners(system: &TestSystem) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE datname = current_database() AND query = 'LISTEN \"hindsight_access\"'",
+    )
+    .fetch_all(&system.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `app` refuses `token`, failing after `bound`.
+async fn refused_within(app: &TestApp, token: &str, bound: Duration, what: &str) {
+    let deadline = tokio::time::Instant::now() + bound;
+    while me_on(app, token).await != StatusCode::UNAUTHORIZED {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not refused within {bound:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `app` refuses `token`, which must happen long before its cached access
+/// could expire (a minute): only the database's announcement can have dropped it.
+async fn refused_within_a_second(app: &TestApp, token: &str, what: &str) {
+    refused_within(app, token, Duration::from_secs(1), what).await;
+}
+
+#[tokio::test]
+async fn an_access_change_made_through_another_instance_ends_sessions_there_too() {
+    let system = TestSystem::start().await;
+    let admin = system.user(Role::Admin).await;
+    let user = system.user(Role::Customer).await;
+    // A second API process on the same database, with its own memory of who may call.
+    let other = TestApp::spawn(&system.db).await;
+    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+
+    let role = system
+        .client()
+        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
+        .bearer_auth(&admin.access_token)
+        .json(&json!({"role": "auditor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(role.status(), StatusCode::OK);
+    assert_eq!(
+        me_on(&system.app, &user.access_token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    refused_within_a_second(
+        &other,
+        &user.access_token,
+        "the other instance to refuse the old role",
+    )
+    .await;
+
+    let token = system.login(&user.email, &user.password).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(me_on(&other, &token).await, StatusCode::OK);
+    let deactivated = system
+        .client()
+        .post(system.url(&format!("/api/v1/users/{}/deactivate", user.id)))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deactivated.status(), StatusCode::OK);
+    refused_within_a_second(
+        &other,
+        &token,
+        "the other instance to refuse a deactivated user",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn while_the_access_listener_is_cut_off_no_access_is_served_from_memory() {
+    let system = TestSystem::start().await;
+    let admin = system.user(Role::Admin).await;
+    let user = system.user(Role::Customer).await;
+    let other = TestApp::spawn(&system.db).await;
+    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+
+    // Cut both instances' listeners off, then change the user's access at once, while
+    // they are still reconnecting: the announcement reaches no one.
+    let listeners = access_listeners(&system).await;
+    assert_eq!(listeners.len(), 2, "one access listener per instance");
+    for pid in &listeners {
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&system.db.pool)
+            .await
+            .unwrap();
+    }
+    let role = system
+        .client()
+        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
+        .bearer_auth(&admin.access_token)
+        .json(&json!({"role": "auditor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(role.status(), StatusCode::OK);
+    // Before the listener is back (it waits RECONNECT_AFTER), so not because it came back.
+    refused_within(
+        &other,
+        &user.access_token,
+        RECONNECT_AFTER / 2,
+        "the cut-off instance to refuse the old role",
+    )
+    .await;
+
+    // Back: the listeners reconnect by themselves, and announcements work again.
+    eventually(5, "both access listeners back", || async {
+        let back = access_listeners(&system).await;
+        back.len() == 2 && back.iter().all(|pid| !listeners.contains(pid))
+    })
+    .await;
+    let token = system.login(&user.email, &user.password).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(me_on(&other, &token).await, StatusCode::OK);
+    let deactivated = system
+        .client()
+        .post(system.url(&format!("/api/v1/users/{}/deactivate", user.id)))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deactivated.status(), StatusCode::OK);
+    refused_within_a_second(
+        &other,
+        &token,
+        "the reconnected instance to refuse a deactivated user",
+    )
+    .await;
 }
 
 #[tokio::test]

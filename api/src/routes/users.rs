@@ -88,7 +88,11 @@ async fn execute(
             &metadata(actor(caller), request_id),
             expected.0,
         )
-        .await??;
+        .await;
+    // A role change, deactivation or reactivation takes effect for the next request, not
+    // when this process hears the database announce it.
+    state.access.forget(id);
+    let executed = executed??;
     let view = user_view_from_store(state, id).await?;
     let body = serde_json::to_value(view).map_err(ApiError::internal)?;
     Ok(CommandAnswer::ok(body, executed.position))
@@ -171,7 +175,9 @@ async fn change_password(
             &metadata(actor(&user), &request_id),
             None,
         )
-        .await??;
+        .await;
+    state.access.forget(user.id);
+    let executed = executed??;
     // The store bumped the token version with the event: every older access token is
     // dead. End the refresh families too, then hand out a fresh pair.
     revoke_user_sessions(&state, user.id).await?;
