@@ -86,13 +86,7 @@ impl AccessCache {
         ttl: Duration,
         shutdown: CancellationToken,
     ) -> Result<Self, sqlx::Error> {
-        let cache = Self {
-            inner: Arc::new(Shared {
-                pool,
-                ttl,
-                state: Mutex::default(),
-            }),
-        };
+        let cache = Self::new(pool, ttl);
         if ttl.is_zero() {
             return Ok(cache);
         }
@@ -104,10 +98,15 @@ impl AccessCache {
 
     /// A cache that keeps nothing: every lookup reads the table.
     pub fn off(pool: PgPool) -> Self {
+        Self::new(pool, Duration::ZERO)
+    }
+
+    /// Not listening yet, so it serves nothing until [`Self::set_listening`].
+    fn new(pool: PgPool, ttl: Duration) -> Self {
         Self {
             inner: Arc::new(Shared {
                 pool,
-                ttl: Duration::ZERO,
+                ttl,
                 state: Mutex::default(),
             }),
         }
@@ -253,28 +252,30 @@ mod tests {
         token_version: 1,
     };
 
+    fn lazy_pool() -> PgPool {
+        PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap()
+    }
+
     /// A cache whose listener is taken to be connected; no database is ever reached.
     fn listening(ttl: Duration) -> AccessCache {
-        let pool = PgPoolOptions::new()
-            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap();
-        let cache = AccessCache {
-            inner: Arc::new(Shared {
-                pool,
-                ttl,
-                state: Mutex::default(),
-            }),
-        };
+        let cache = AccessCache::new(lazy_pool(), ttl);
         cache.set_listening(true);
         cache
+    }
+
+    /// What a lookup of `user` that found nothing in memory does once it has read a row.
+    fn read_from_table(cache: &AccessCache, user: Uuid) {
+        let fill = cache.cached(user).unwrap_err().unwrap();
+        cache.store(fill, user, ACCESS);
     }
 
     #[tokio::test]
     async fn a_read_stores_its_row_and_the_next_lookup_is_served_from_memory() {
         let cache = listening(Duration::from_secs(60));
         let user = Uuid::new_v4();
-        let fill = cache.cached(user).unwrap_err().unwrap();
-        cache.store(fill, user, ACCESS);
+        read_from_table(&cache, user);
         assert_eq!(cache.cached(user).unwrap().token_version, 1);
     }
 
@@ -293,8 +294,7 @@ mod tests {
     async fn a_forget_drops_the_row() {
         let cache = listening(Duration::from_secs(60));
         let user = Uuid::new_v4();
-        let fill = cache.cached(user).unwrap_err().unwrap();
-        cache.store(fill, user, ACCESS);
+        read_from_table(&cache, user);
         cache.forget(user);
         assert!(cache.cached(user).is_err());
     }
@@ -303,8 +303,7 @@ mod tests {
     async fn nothing_is_served_or_stored_while_the_listener_is_away() {
         let cache = listening(Duration::from_secs(60));
         let user = Uuid::new_v4();
-        let fill = cache.cached(user).unwrap_err().unwrap();
-        cache.store(fill, user, ACCESS);
+        read_from_table(&cache, user);
         let pending = cache.cached(Uuid::new_v4()).unwrap_err().unwrap();
         cache.set_listening(false);
         assert!(matches!(cache.cached(user), Err(None)));
@@ -319,18 +318,14 @@ mod tests {
     async fn rows_expire() {
         let cache = listening(Duration::from_millis(20));
         let user = Uuid::new_v4();
-        let fill = cache.cached(user).unwrap_err().unwrap();
-        cache.store(fill, user, ACCESS);
+        read_from_table(&cache, user);
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(cache.cached(user).is_err());
     }
 
     #[tokio::test]
     async fn a_cache_that_is_off_never_keeps_a_row() {
-        let pool = PgPoolOptions::new()
-            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .unwrap();
-        let cache = AccessCache::off(pool);
+        let cache = AccessCache::off(lazy_pool());
         assert!(matches!(cache.cached(Uuid::new_v4()), Err(None)));
     }
 }

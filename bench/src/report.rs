@@ -155,34 +155,36 @@ pub fn rows() -> Vec<Row> {
         "s3.rate",
         "cmd/s",
     ));
-    rows.push(
-        Row::new(
-            "3 projection lag",
-            "ack → read model, p99",
-            "s3.lag.p99",
-            "ms",
-        )
-        .baseline("the command's own p99", "s3.command.p99")
-        .value(Target::Below(50.0)),
-    );
-    rows.push(
-        Row::new(
-            "3 projection lag",
-            "ack → read model, p50",
-            "s3.lag.p50",
-            "ms",
-        )
-        .baseline("the command's own p50", "s3.command.p50"),
-    );
-    rows.push(
-        Row::new(
-            "3 projection lag",
-            "commands never seen applied",
-            "s3.lag.unseen",
-            "",
-        )
-        .value(Target::AtMost(0.0)),
-    );
+    for (model, key) in [("products", "s3.lag"), ("audit trail", "s3.audit_lag")] {
+        rows.push(
+            Row::new(
+                "3 projection lag",
+                format!("ack → {model}, p99"),
+                format!("{key}.p99"),
+                "ms",
+            )
+            .baseline("the command's own p99", "s3.command.p99")
+            .value(Target::Below(50.0)),
+        );
+        rows.push(
+            Row::new(
+                "3 projection lag",
+                format!("ack → {model}, p50"),
+                format!("{key}.p50"),
+                "ms",
+            )
+            .baseline("the command's own p50", "s3.command.p50"),
+        );
+        rows.push(
+            Row::new(
+                "3 projection lag",
+                format!("commands never seen in {model}"),
+                format!("{key}.unseen"),
+                "",
+            )
+            .value(Target::AtMost(0.0)),
+        );
+    }
     rows.push(Row::new(
         "4 rebuild",
         "stored events",

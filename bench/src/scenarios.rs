@@ -36,8 +36,10 @@ pub struct Settings {
 const PASSWORD: &str = "bench-password-123";
 const WRITE_PRODUCTS: usize = 64;
 const CUSTOMERS: usize = 32;
-/// The projection whose progress the lag scenario watches.
+/// The read models whose progress the lag scenario watches: the one the restocked
+/// product is read from, and the audit trail, which runs in a worker group of its own.
 const PRODUCTS: &str = "products";
+const AUDIT_TRAIL: &str = "audit_trail";
 
 /// The read models `serve` keeps and `rebuild --all` rebuilds (the order process has none).
 fn read_models() -> Vec<String> {
@@ -276,8 +278,8 @@ async fn writes(
 }
 
 /// Scenario 3: restocks at a steady rate; for each, the time from its acknowledgement to
-/// the products read model having applied its position (the read model's own commit
-/// notification, which is what `min_position` reads wait on).
+/// the products read model, and to the audit trail, having applied its position (each read
+/// model's own commit notification, which is what `min_position` reads wait on).
 async fn lag(
     settings: &Settings,
     database: &Database,
@@ -293,19 +295,21 @@ async fn lag(
         .listen(PROGRESS_CHANNEL)
         .await
         .context("listening for projection progress")?;
-    let applied: Arc<Mutex<Vec<(Instant, i64)>>> = Arc::default();
+    type Progress = Vec<(Instant, i64)>;
+    let applied: Arc<Mutex<[Progress; 2]>> = Arc::default();
     let recorder = {
         let applied = Arc::clone(&applied);
         tokio::spawn(async move {
             while let Ok(notification) = listener.recv().await {
                 let at = Instant::now();
-                if let Some((name, position)) = notification.payload().rsplit_once(':') {
-                    if name == PRODUCTS {
-                        if let (Ok(position), Ok(mut applied)) = (position.parse(), applied.lock())
-                        {
-                            applied.push((at, position));
-                        }
-                    }
+                let Some((name, position)) = notification.payload().rsplit_once(':') else {
+                    continue;
+                };
+                let Some(index) = [PRODUCTS, AUDIT_TRAIL].iter().position(|&n| n == name) else {
+                    continue;
+                };
+                if let (Ok(position), Ok(mut applied)) = (position.parse(), applied.lock()) {
+                    applied[index].push((at, position));
                 }
             }
         })
@@ -337,8 +341,29 @@ async fn lag(
     recorder.abort();
     put_sample(figures, "s3.command", &commands);
 
-    let applied = applied.lock().map(|a| a.clone()).unwrap_or_default();
+    let [products, audit_trail] = applied.lock().map(|a| a.clone()).unwrap_or_default();
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    for (name, key, applied) in [
+        (PRODUCTS, "s3.lag", products),
+        (AUDIT_TRAIL, "s3.audit_lag", audit_trail),
+    ] {
+        let (lags, unseen) = lags(&acked, applied);
+        let p50 = quantile(&lags, 0.50) as f64 / 1000.0;
+        let p99 = quantile(&lags, 0.99) as f64 / 1000.0;
+        put(figures, format!("{key}.p50"), p50);
+        put(figures, format!("{key}.p99"), p99);
+        put(figures, format!("{key}.unseen"), unseen as f64);
+        log(format!(
+            "{name} lag at {rate:.0} commands/s: p50 {p50:.2} ms, p99 {p99:.2} ms over {} commands ({unseen} never seen)",
+            lags.len()
+        ));
+    }
+    Ok(())
+}
+
+/// For each acknowledged position, the microseconds until a read model's progress
+/// (`applied`, in arrival order) reached it, sorted; and how many it never reached.
+fn lags(acked: &[(Instant, i64)], applied: Vec<(Instant, i64)>) -> (Vec<u32>, u64) {
     // The notifications arrive in commit order, so positions only grow along the list;
     // keep a running maximum to be safe against reordering.
     let mut running = i64::MIN;
@@ -351,7 +376,7 @@ async fn lag(
         .collect();
     let mut lags: Vec<u32> = Vec::with_capacity(acked.len());
     let mut unseen = 0u64;
-    for (acked_at, position) in &acked {
+    for (acked_at, position) in acked {
         let index = frontier.partition_point(|(_, applied)| applied < position);
         match frontier.get(index) {
             Some((seen_at, _)) => lags.push(
@@ -362,16 +387,7 @@ async fn lag(
         }
     }
     lags.sort_unstable();
-    let p50 = quantile(&lags, 0.50) as f64 / 1000.0;
-    let p99 = quantile(&lags, 0.99) as f64 / 1000.0;
-    put(figures, "s3.lag.p50", p50);
-    put(figures, "s3.lag.p99", p99);
-    put(figures, "s3.lag.unseen", unseen as f64);
-    log(format!(
-        "projection lag at {rate:.0} commands/s: p50 {p50:.2} ms, p99 {p99:.2} ms over {} commands ({unseen} never seen)",
-        lags.len()
-    ));
-    Ok(())
+    (lags, unseen)
 }
 
 /// Scenario 2: a command's latency on an aggregate with 10,000 events against one with 10.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use hindsight_api::access::RECONNECT_AFTER;
 use hindsight_domain::role::Role;
-use hindsight_tests::{eventually, TestApp, TestSystem, TEST_JWT_SECRET};
+use hindsight_tests::{eventually, TestApp, TestSystem, TestUser, TEST_JWT_SECRET};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -646,6 +646,44 @@ async fn refused_within_a_second(app: &TestApp, token: &str, what: &str) {
     refused_within(app, token, Duration::from_secs(1), what).await;
 }
 
+/// `admin` makes `user` an auditor through `system`'s own API process.
+async fn make_auditor(system: &TestSystem, admin: &TestUser, user: &TestUser) {
+    let role = system
+        .client()
+        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
+        .bearer_auth(&admin.access_token)
+        .json(&json!({"role": "auditor"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(role.status(), StatusCode::OK);
+}
+
+/// `user` signs in again and is served by `other`; `admin` then deactivates them through
+/// `system`'s process, and `other` must refuse the new session within a second.
+async fn deactivation_reaches(
+    system: &TestSystem,
+    other: &TestApp,
+    admin: &TestUser,
+    user: &TestUser,
+    what: &str,
+) {
+    let token = system.login(&user.email, &user.password).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(me_on(other, &token).await, StatusCode::OK);
+    let deactivated = system
+        .client()
+        .post(system.url(&format!("/api/v1/users/{}/deactivate", user.id)))
+        .bearer_auth(&admin.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deactivated.status(), StatusCode::OK);
+    refused_within_a_second(other, &token, what).await;
+}
+
 #[tokio::test]
 async fn an_access_change_made_through_another_instance_ends_sessions_there_too() {
     let system = TestSystem::start().await;
@@ -656,15 +694,7 @@ async fn an_access_change_made_through_another_instance_ends_sessions_there_too(
     assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
     assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
 
-    let role = system
-        .client()
-        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
-        .bearer_auth(&admin.access_token)
-        .json(&json!({"role": "auditor"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(role.status(), StatusCode::OK);
+    make_auditor(&system, &admin, &user).await;
     assert_eq!(
         me_on(&system.app, &user.access_token).await,
         StatusCode::UNAUTHORIZED
@@ -675,23 +705,11 @@ async fn an_access_change_made_through_another_instance_ends_sessions_there_too(
         "the other instance to refuse the old role",
     )
     .await;
-
-    let token = system.login(&user.email, &user.password).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(me_on(&other, &token).await, StatusCode::OK);
-    let deactivated = system
-        .client()
-        .post(system.url(&format!("/api/v1/users/{}/deactivate", user.id)))
-        .bearer_auth(&admin.access_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deactivated.status(), StatusCode::OK);
-    refused_within_a_second(
+    deactivation_reaches(
+        &system,
         &other,
-        &token,
+        &admin,
+        &user,
         "the other instance to refuse a deactivated user",
     )
     .await;
@@ -716,15 +734,7 @@ async fn while_the_access_listener_is_cut_off_no_access_is_served_from_memory() 
             .await
             .unwrap();
     }
-    let role = system
-        .client()
-        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
-        .bearer_auth(&admin.access_token)
-        .json(&json!({"role": "auditor"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(role.status(), StatusCode::OK);
+    make_auditor(&system, &admin, &user).await;
     // Before the listener is back (it waits RECONNECT_AFTER), so not because it came back.
     refused_within(
         &other,
@@ -740,22 +750,11 @@ async fn while_the_access_listener_is_cut_off_no_access_is_served_from_memory() 
         back.len() == 2 && back.iter().all(|pid| !listeners.contains(pid))
     })
     .await;
-    let token = system.login(&user.email, &user.password).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(me_on(&other, &token).await, StatusCode::OK);
-    let deactivated = system
-        .client()
-        .post(system.url(&format!("/api/v1/users/{}/deactivate", user.id)))
-        .bearer_auth(&admin.access_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deactivated.status(), StatusCode::OK);
-    refused_within_a_second(
+    deactivation_reaches(
+        &system,
         &other,
-        &token,
+        &admin,
+        &user,
         "the reconnected instance to refuse a deactivated user",
     )
     .await;
