@@ -8,9 +8,10 @@
 //! are built once, after the replay. When a copy has caught up with its live checkpoint,
 //! one transaction locks the checkpoint row (so the live worker leaves this read model
 //! alone meanwhile), applies the last few events to the copy, compares copy and live table
-//! by table, and renames the copy into place. Queries wait at most for that rename. A rebuild killed
-//! half-way leaves the live tables untouched; the next one drops the leftover copy and
-//! starts again. One rebuild per projection runs at a time.
+//! by table, and renames the copy into place, its indexes taking the names the live ones
+//! had. Queries wait at most for that rename. A rebuild killed half-way leaves the live
+//! tables untouched; the next one drops the leftover copy and starts again. One rebuild
+//! per projection runs at a time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -623,6 +624,8 @@ async fn finish(
         }
     }
     for (live_table, copy_table) in &tables {
+        let mut names = index_names(&mut tx, live_table).await?;
+        let copies = index_names(&mut tx, copy_table).await?;
         sqlx::query(&format!(
             "ALTER TABLE {live_table} RENAME TO {live_table}_retired"
         ))
@@ -634,6 +637,23 @@ async fn finish(
         sqlx::query(&format!("DROP TABLE {live_table}_retired"))
             .execute(&mut *tx)
             .await?;
+        // The copy's indexes were named after the copy: give each the name of the live
+        // index it replaces, so migrations and operators find them as before.
+        for (copy_name, shape) in copies {
+            let Some(index) = names.iter().position(|(_, live)| *live == shape) else {
+                continue;
+            };
+            let (name, _) = names.remove(index);
+            if name != copy_name {
+                sqlx::query(&format!(
+                    "ALTER INDEX {} RENAME TO {}",
+                    quote(&copy_name),
+                    quote(&name)
+                ))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
     }
     tx.commit().await?;
     let progress = Progress {
@@ -657,6 +677,28 @@ async fn finish(
         differences,
     };
     Ok((report, progress))
+}
+
+/// Every index of `table` with what it indexes: its definition without its own name and
+/// its table's, so that a table's and its copy's indexes match.
+async fn index_names(
+    connection: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.relname, \
+                regexp_replace(pg_get_indexdef(i.indexrelid), '^(CREATE (UNIQUE )?INDEX) \\S+ ON \\S+', '\\1') \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = $1::text::regclass ORDER BY c.relname",
+    )
+    .bind(table)
+    .fetch_all(connection)
+    .await
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Counts the rows of `live` not in `copy` and those of `copy` not in `live`, as
