@@ -62,9 +62,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let progress = ProjectionProgress::start(pool.clone(), shutdown.clone())
         .await
         .context("listening for projection progress (check DATABASE_URL)")?;
-    let access = AccessCache::start(pool.clone(), args.access_cache_ttl, shutdown.clone())
-        .await
-        .context("listening for access changes (check DATABASE_URL)")?;
+    // Only the HTTP API checks access; a relay- or worker-only process holds no listener.
+    let access = if args.run_api {
+        AccessCache::start(pool.clone(), args.access_cache_ttl, shutdown.clone())
+            .await
+            .context("listening for access changes (check DATABASE_URL)")?
+    } else {
+        AccessCache::off(pool.clone())
+    };
     let state = AppState {
         commands,
         pool,
