@@ -646,6 +646,17 @@ async fn refused_within_a_second(app: &TestApp, token: &str, what: &str) {
     refused_within(app, token, Duration::from_secs(1), what).await;
 }
 
+/// A system, a second API process on its database (with its own memory of who may call),
+/// an admin, and a customer whose access the second process has already read.
+async fn two_instances() -> (TestSystem, TestApp, TestUser, TestUser) {
+    let system = TestSystem::start().await;
+    let admin = system.user(Role::Admin).await;
+    let user = system.user(Role::Customer).await;
+    let other = TestApp::spawn(&system.db).await;
+    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+    (system, other, admin, user)
+}
+
 /// `admin` makes `user` an auditor through `system`'s own API process.
 async fn make_auditor(system: &TestSystem, admin: &TestUser, user: &TestUser) {
     let role = system
@@ -686,12 +697,7 @@ async fn deactivation_reaches(
 
 #[tokio::test]
 async fn an_access_change_made_through_another_instance_ends_sessions_there_too() {
-    let system = TestSystem::start().await;
-    let admin = system.user(Role::Admin).await;
-    let user = system.user(Role::Customer).await;
-    // A second API process on the same database, with its own memory of who may call.
-    let other = TestApp::spawn(&system.db).await;
-    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+    let (system, other, admin, user) = two_instances().await;
     assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
 
     make_auditor(&system, &admin, &user).await;
@@ -717,11 +723,7 @@ async fn an_access_change_made_through_another_instance_ends_sessions_there_too(
 
 #[tokio::test]
 async fn while_the_access_listener_is_cut_off_no_access_is_served_from_memory() {
-    let system = TestSystem::start().await;
-    let admin = system.user(Role::Admin).await;
-    let user = system.user(Role::Customer).await;
-    let other = TestApp::spawn(&system.db).await;
-    assert_eq!(me_on(&other, &user.access_token).await, StatusCode::OK);
+    let (system, other, admin, user) = two_instances().await;
 
     // Cut both instances' listeners off, then change the user's access at once, while
     // they are still reconnecting: the announcement reaches no one.
