@@ -571,15 +571,7 @@ async fn password_role_and_status_changes_end_existing_sessions_at_once() {
         .unwrap();
     assert_eq!(old_refresh.status(), StatusCode::UNAUTHORIZED);
 
-    let role = system
-        .client()
-        .put(system.url(&format!("/api/v1/users/{}/role", user.id)))
-        .bearer_auth(&admin.access_token)
-        .json(&json!({"role": "auditor"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(role.status(), StatusCode::OK);
+    make_auditor(&system, &admin, &user).await;
     assert_eq!(
         me(new_access).await.unwrap().status(),
         StatusCode::UNAUTHORIZED
