@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::http::Method;
 use axum::Json;
+use hindsight_commands::{EventMetadata, Executed};
 use hindsight_domain::ids::UserId;
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
@@ -71,6 +72,25 @@ pub(crate) struct RenameRequest {
     name: String,
 }
 
+/// Runs `command` on user `id`. Whatever the outcome, this process then forgets the
+/// user's access, so a role, password or status change holds for the very next request,
+/// not from when this process hears the database announce it.
+async fn run(
+    state: &AppState,
+    id: Uuid,
+    command: UserCommand,
+    metadata: &EventMetadata,
+    expected: Option<u64>,
+) -> Result<Executed, ApiError> {
+    let executed = state
+        .commands
+        .users
+        .execute(id, command, metadata, expected)
+        .await;
+    state.access.forget(id);
+    Ok(executed??)
+}
+
 async fn execute(
     state: &AppState,
     caller: &AuthUser,
@@ -79,20 +99,14 @@ async fn execute(
     command: UserCommand,
     expected: IfMatch,
 ) -> Result<CommandAnswer, ApiError> {
-    let executed = state
-        .commands
-        .users
-        .execute(
-            id,
-            command,
-            &metadata(actor(caller), request_id),
-            expected.0,
-        )
-        .await;
-    // A role change, deactivation or reactivation takes effect for the next request, not
-    // when this process hears the database announce it.
-    state.access.forget(id);
-    let executed = executed??;
+    let executed = run(
+        state,
+        id,
+        command,
+        &metadata(actor(caller), request_id),
+        expected.0,
+    )
+    .await?;
     let view = user_view_from_store(state, id).await?;
     let body = serde_json::to_value(view).map_err(ApiError::internal)?;
     Ok(CommandAnswer::ok(body, executed.position))
@@ -164,20 +178,16 @@ async fn change_password(
         .hash(&SecretString::from(body.new_password))
         .await
         .map_err(|_| ApiError::validation("new_password", "must be 8 to 128 characters"))?;
-    let executed = state
-        .commands
-        .users
-        .execute(
-            user.id,
-            UserCommand::ChangePasswordHash {
-                password_hash: PasswordHash::new(hash).map_err(ApiError::internal)?,
-            },
-            &metadata(actor(&user), &request_id),
-            None,
-        )
-        .await;
-    state.access.forget(user.id);
-    let executed = executed??;
+    let executed = run(
+        &state,
+        user.id,
+        UserCommand::ChangePasswordHash {
+            password_hash: PasswordHash::new(hash).map_err(ApiError::internal)?,
+        },
+        &metadata(actor(&user), &request_id),
+        None,
+    )
+    .await?;
     // The store bumped the token version with the event: every older access token is
     // dead. End the refresh families too, then hand out a fresh pair.
     revoke_user_sessions(&state, user.id).await?;
