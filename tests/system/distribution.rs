@@ -332,6 +332,22 @@ async fn ledger(db: &TestDb, name: &str) -> Vec<i64> {
         .unwrap()
 }
 
+/// Waits (at most 20 s) until projection `name`'s checkpoint satisfies `holds`.
+async fn checkpoint_until(
+    db: &TestDb,
+    name: &str,
+    what: &str,
+    holds: impl Fn(&worker::Checkpoint) -> bool,
+) {
+    eventually(20, &format!("{name} {what}"), || async {
+        worker::checkpoint(&db.pool, name)
+            .await
+            .unwrap()
+            .is_some_and(|checkpoint| holds(&checkpoint))
+    })
+    .await;
+}
+
 /// Appends an event the `Ledger` refuses unless cured; answers its position.
 async fn append_poison(db: &TestDb) -> i64 {
     let mut tx = db.pool.begin().await.unwrap();
@@ -342,11 +358,8 @@ async fn append_poison(db: &TestDb) -> i64 {
 
 /// Waits for projection `name` to fail, and checks it stopped just before `poison`.
 async fn stops_just_before(db: &TestDb, name: &str, poison: i64) {
-    eventually(20, &format!("{name} projection failed"), || async {
-        worker::checkpoint(&db.pool, name)
-            .await
-            .unwrap()
-            .is_some_and(|checkpoint| checkpoint.status == "failed")
+    checkpoint_until(db, name, "failed", |checkpoint| {
+        checkpoint.status == "failed"
     })
     .await;
     let failed = worker::checkpoint(&db.pool, name).await.unwrap().unwrap();
@@ -371,23 +384,14 @@ fn spawn_worker(db: &TestDb, stream: &TestStream, model: Arc<dyn ReadModel>) -> 
 }
 
 async fn projection_reaches(db: &TestDb, name: &str, position: i64) {
-    eventually(20, &format!("{name} at {position}"), || async {
-        worker::checkpoint(&db.pool, name)
-            .await
-            .unwrap()
-            .is_some_and(|checkpoint| checkpoint.position >= position)
+    checkpoint_until(db, name, &format!("at {position}"), |checkpoint| {
+        checkpoint.position >= position
     })
     .await;
 }
 
 async fn projection_goes_live(db: &TestDb, name: &str) {
-    eventually(20, &format!("{name} live"), || async {
-        worker::checkpoint(&db.pool, name)
-            .await
-            .unwrap()
-            .is_some_and(|checkpoint| checkpoint.status == "live")
-    })
-    .await;
+    checkpoint_until(db, name, "live", |checkpoint| checkpoint.status == "live").await;
 }
 
 #[tokio::test]
