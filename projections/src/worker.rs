@@ -80,7 +80,8 @@ pub enum WorkerError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// How soon a member left behind (its checkpoint was locked) is tried again.
+/// How soon a member left behind (its checkpoint was locked) is tried again, for its
+/// events or for its `live` status.
 const LAGGARD_RETRY: Duration = Duration::from_millis(100);
 
 /// One event as delivered by JetStream.
@@ -144,6 +145,9 @@ impl std::fmt::Debug for ProjectionWorker {
 struct Member {
     model: Arc<dyn ReadModel>,
     applied: i64,
+    /// Whether its status says `live`; false while its checkpoint row was held when the
+    /// worker went live.
+    marked_live: bool,
 }
 
 impl Member {
@@ -178,6 +182,23 @@ pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Option<Checkpoint>,
         status,
         last_error,
     }))
+}
+
+/// Sets `status` on those of the projections `names` whose checkpoint rows no one else
+/// holds (a rebuild's swap holds one for seconds: a group must not wait on it), answering
+/// the names it set.
+async fn mark(pool: &PgPool, names: &[&str], status: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE projection_checkpoints \
+         SET status = $2, last_error = NULL, failed_position = NULL, updated_at = now() \
+         WHERE name IN (SELECT name FROM projection_checkpoints \
+                        WHERE name = ANY($1) FOR UPDATE SKIP LOCKED) \
+         RETURNING name",
+    )
+    .bind(names)
+    .bind(status)
+    .fetch_all(pool)
+    .await
 }
 
 /// Sets the status of the projections `names` (with the error and where it happened).
@@ -310,7 +331,8 @@ impl ProjectionWorker {
         .bind(&names)
         .execute(&self.pool)
         .await?;
-        set_status(&self.pool, &names, "catching_up", None).await?;
+        // A member whose row is held keeps its old status until it is marked live below.
+        mark(&self.pool, &names, "catching_up").await?;
         // Catch up from the store to what the relay has published, then follow the stream.
         // The members catch up side by side, each in transactions of its own. From here on
         // this worker alone moves their checkpoints (it holds the leader locks, and every
@@ -327,7 +349,11 @@ impl ProjectionWorker {
         let mut members = Vec::with_capacity(caught_up.len());
         for (model, result) in caught_up {
             match result {
-                Ok(applied) => members.push(Member { model, applied }),
+                Ok(applied) => members.push(Member {
+                    model,
+                    applied,
+                    marked_live: false,
+                }),
                 Err(WorkerError::Poisoned { position, error }) => {
                     self.stop_member(running, model.name(), position, &error);
                 }
@@ -345,21 +371,16 @@ impl ProjectionWorker {
             .await
             .map_err(|error| WorkerError::JetStream(error.to_string()))?
             .ready_chunks(self.settings.batch_size);
-        let names: Vec<&str> = members.iter().map(Member::name).collect();
-        set_status(&self.pool, &names, "live", None).await?;
-        for member in &members {
-            tracing::info!(
-                projection = member.name(),
-                worker = self.name,
-                "projection is live"
-            );
-        }
+        self.mark_live(&mut members).await?;
         let mut last_leader_check = tokio::time::Instant::now();
         let mut laggards_tried = tokio::time::Instant::now();
         loop {
-            let behind = members.iter().any(|member| member.applied < at);
+            let behind = members
+                .iter()
+                .any(|member| member.applied < at || !member.marked_live);
             if behind && laggards_tried.elapsed() >= LAGGARD_RETRY {
                 self.catch_up_laggards(&mut members, running, at).await?;
+                self.mark_live(&mut members).await?;
                 laggards_tried = tokio::time::Instant::now();
                 if members.is_empty() {
                     return Ok(());
@@ -500,6 +521,30 @@ impl ProjectionWorker {
         self.advance(members, running, due, &events, reached)
             .await?;
         Ok(reached)
+    }
+
+    /// Marks `live` the members not marked yet whose checkpoint rows are free.
+    async fn mark_live(&self, members: &mut [Member]) -> Result<(), WorkerError> {
+        let names: Vec<&str> = members
+            .iter()
+            .filter(|member| !member.marked_live)
+            .map(Member::name)
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        let marked = mark(&self.pool, &names, "live").await?;
+        for member in members.iter_mut() {
+            if marked.iter().any(|name| name == member.name()) {
+                member.marked_live = true;
+                tracing::info!(
+                    projection = member.name(),
+                    worker = self.name,
+                    "projection is live"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Brings members behind `at` forward from the store, as far as their checkpoints
