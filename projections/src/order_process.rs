@@ -65,10 +65,7 @@ impl OrderProcess {
     }
 
     async fn apply_events(&self, events: &[StoredEvent]) -> Result<(), ApplyError> {
-        for event in events
-            .iter()
-            .filter(|event| event.aggregate_type == Order::TYPE)
-        {
+        for event in events.iter().filter(|event| self.concerns(event)) {
             let step = Step {
                 commands: &self.commands,
                 position: event.position,
@@ -108,6 +105,12 @@ impl ReadModel for OrderProcess {
     /// it decides is recorded as events.
     fn tables(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Only order events start or end a step; the rest of the stream (restocks, users, the
+    /// reservations it causes itself) passes it by without a transaction.
+    fn concerns(&self, event: &StoredEvent) -> bool {
+        event.aggregate_type == Order::TYPE
     }
 
     fn apply<'a>(

@@ -49,6 +49,17 @@ pub trait ReadModel: Send + Sync + 'static {
     /// The tables this read model writes (as named for this instance).
     fn tables(&self) -> Vec<String>;
 
+    /// Whether `event` may change what this read model writes or does. The worker never
+    /// calls [`Self::apply`] for a batch of which no event concerns the read model: its
+    /// checkpoint follows such batches in memory and is written at most
+    /// [`QUIET_CHECKPOINT_DELAY`](crate::worker::QUIET_CHECKPOINT_DELAY) later (or with its
+    /// next applied batch), which saves the worker a transaction per batch. Should the
+    /// worker stop before that write, the events are passed to `apply` again from the
+    /// store. Every event concerns a read model by default.
+    fn concerns(&self, _event: &StoredEvent) -> bool {
+        true
+    }
+
     /// Applies a batch of events, in order, through `connection`.
     fn apply<'a>(
         &'a self,

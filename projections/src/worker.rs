@@ -17,6 +17,11 @@
 //! processes; the checkpoint rows are locked by every apply transaction as a second guard.
 //! A member whose checkpoint another transaction holds (a rebuild swapping its tables in)
 //! is skipped rather than waited for, and catches up from the store once it is free.
+//! A batch of which no event concerns a member ([`ReadModel::concerns`]: the order
+//! process only acts on order events) costs that member nothing: its checkpoint follows in
+//! memory and is written with its next batch that does concern it, or at most
+//! [`QUIET_CHECKPOINT_DELAY`] later; when no member is concerned, no transaction is opened
+//! at all. A worker stopped before that write passes the same events by again.
 //!
 //! A batch that fails is applied again member by member, each retried a bounded number of
 //! times and then event by event to commit everything before the poison event; that
@@ -84,6 +89,10 @@ pub enum WorkerError {
 /// events or for its `live` status.
 const LAGGARD_RETRY: Duration = Duration::from_millis(100);
 
+/// How long a member's stored checkpoint may trail what the worker has passed by for it
+/// (batches of which no event concerned it) before it is written.
+pub const QUIET_CHECKPOINT_DELAY: Duration = Duration::from_millis(100);
+
 /// One event as delivered by JetStream.
 #[derive(Debug)]
 struct Delivered {
@@ -144,7 +153,10 @@ impl std::fmt::Debug for ProjectionWorker {
 /// A read model the worker runs, with the checkpoint it has reached.
 struct Member {
     model: Arc<dyn ReadModel>,
+    /// The position up to which the member has applied or passed by every event.
     applied: i64,
+    /// Its checkpoint as stored; behind `applied` while the batches since concerned it not.
+    stored: i64,
     /// Whether its status says `live`; false while its checkpoint row was held when the
     /// worker went live.
     marked_live: bool,
@@ -153,6 +165,23 @@ struct Member {
 impl Member {
     fn name(&self) -> &'static str {
         self.model.name()
+    }
+
+    /// Whether its stored checkpoint trails what it passed by.
+    fn trails(&self) -> bool {
+        self.stored < self.applied
+    }
+
+    /// Whether none of `events` after what it applied concerns it.
+    fn passes_by(&self, events: &[StoredEvent]) -> bool {
+        !after(events, self.applied)
+            .iter()
+            .any(|event| self.model.concerns(event))
+    }
+
+    fn committed(&mut self, to: i64) {
+        self.applied = to;
+        self.stored = to;
     }
 }
 
@@ -352,6 +381,7 @@ impl ProjectionWorker {
                 Ok(applied) => members.push(Member {
                     model,
                     applied,
+                    stored: applied,
                     marked_live: false,
                 }),
                 Err(WorkerError::Poisoned { position, error }) => {
@@ -374,7 +404,21 @@ impl ProjectionWorker {
         self.mark_live(&mut members).await?;
         let mut last_leader_check = tokio::time::Instant::now();
         let mut laggards_tried = tokio::time::Instant::now();
+        // Since when a member's stored checkpoint has trailed what it passed by.
+        let mut quiet_since: Option<tokio::time::Instant> = None;
         loop {
+            if !members.iter().any(Member::trails) {
+                quiet_since = None;
+            } else if quiet_since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                >= QUIET_CHECKPOINT_DELAY
+            {
+                // Rows still held (a rebuild's swap) are tried again after another delay.
+                self.store_quiet(&mut members).await?;
+                quiet_since = None;
+                continue;
+            }
             let behind = members
                 .iter()
                 .any(|member| member.applied < at || !member.marked_live);
@@ -387,10 +431,15 @@ impl ProjectionWorker {
                 }
                 continue;
             }
+            let quiet_due = quiet_since.map(|since| since + QUIET_CHECKPOINT_DELAY);
             let chunk = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => {
+                    self.store_quiet(&mut members).await?;
+                    return Ok(());
+                }
                 chunk = messages.next() => chunk,
                 () = tokio::time::sleep_until(laggards_tried + LAGGARD_RETRY), if behind => continue,
+                () = sleep_until_some(quiet_due), if quiet_due.is_some() => continue,
             };
             let Some(chunk) = chunk else {
                 return Err(WorkerError::JetStream(
@@ -523,6 +572,27 @@ impl ProjectionWorker {
         Ok(reached)
     }
 
+    /// Writes the checkpoints that trail what their members passed by, in one transaction
+    /// per position (normally one). A member whose row is held stays behind.
+    async fn store_quiet(&self, members: &mut [Member]) -> Result<(), WorkerError> {
+        let mut positions: Vec<i64> = members
+            .iter()
+            .filter(|member| member.trails())
+            .map(|member| member.applied)
+            .collect();
+        positions.sort_unstable();
+        positions.dedup();
+        for to in positions {
+            let due: Vec<usize> = (0..members.len())
+                .filter(|&index| members[index].stored < to && members[index].applied == to)
+                .collect();
+            for index in self.commit_together(members, &due, &[], to).await? {
+                members[index].committed(to);
+            }
+        }
+        Ok(())
+    }
+
     /// Marks `live` the members not marked yet whose checkpoint rows are free.
     async fn mark_live(&self, members: &mut [Member]) -> Result<(), WorkerError> {
         let names: Vec<&str> = members
@@ -593,13 +663,21 @@ impl ProjectionWorker {
         events: &[StoredEvent],
         to: i64,
     ) -> Result<(), WorkerError> {
+        // Members no event of the batch concerns pass it by; their checkpoints are written
+        // later (`store_quiet`) or with their next batch.
+        let (passing, due): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&index| members[index].passes_by(events));
+        for index in passing {
+            members[index].applied = to;
+        }
         if due.is_empty() {
             return Ok(());
         }
         let error = match self.commit_together(members, &due, events, to).await {
             Ok(committed) => {
                 for index in committed {
-                    members[index].applied = to;
+                    members[index].committed(to);
                 }
                 return Ok(());
             }
@@ -612,12 +690,16 @@ impl ProjectionWorker {
         let mut poisoned = Vec::new();
         for &index in &due {
             let member = &members[index];
-            let from = member.applied;
             let result = self
-                .commit_with_retries(&member.model, from, after(events, from), to)
+                .commit_with_retries(
+                    &member.model,
+                    member.stored,
+                    after(events, member.applied),
+                    to,
+                )
                 .await;
             match result {
-                Ok(()) => members[index].applied = to,
+                Ok(()) => members[index].committed(to),
                 Err(WorkerError::Poisoned { position, error }) => {
                     self.stop_member(running, members[index].name(), position, &error);
                     poisoned.push(index);
@@ -632,8 +714,8 @@ impl ProjectionWorker {
     }
 
     /// One transaction for the members at `due`: lock the checkpoints no one else holds,
-    /// check each is still where this worker left it, apply, advance them to `to`,
-    /// notify, commit. Answers the members it moved.
+    /// check each is still where this worker stored it, apply what follows what each has
+    /// passed, advance them to `to`, notify, commit. Answers the members it moved.
     async fn commit_together(
         &self,
         members: &[Member],
@@ -656,9 +738,9 @@ impl ProjectionWorker {
             let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
                 continue;
             };
-            if *position != members[index].applied {
+            if *position != members[index].stored {
                 return Err(CommitError::Moved {
-                    expected: members[index].applied,
+                    expected: members[index].stored,
                     found: *position,
                 });
             }
@@ -691,8 +773,8 @@ impl ProjectionWorker {
         Ok(committed)
     }
 
-    /// Applies `events` (all after `from`) to one read model and moves its checkpoint to
-    /// `to`, retrying; if the batch keeps failing, commits event by event up to the poison
+    /// Applies `events` (all after `from`, its stored checkpoint) to one read model and
+    /// moves its checkpoint to `to`, retrying; if the batch keeps failing, commits event by event up to the poison
     /// event and marks the projection failed there.
     async fn commit_with_retries(
         &self,
@@ -788,7 +870,9 @@ impl ProjectionWorker {
                 found: current,
             });
         }
-        model.apply(&mut tx, events).await?;
+        if events.iter().any(|event| model.concerns(event)) {
+            model.apply(&mut tx, events).await?;
+        }
         sqlx::query(
             "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1 \
              RETURNING pg_notify($3, $4)",
@@ -801,6 +885,14 @@ impl ProjectionWorker {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -271,20 +271,40 @@ async fn hindsight_commands_nats_client(url: &str) -> async_nats::Client {
     hindsight_api::serve::connect_nats(url).await.unwrap()
 }
 
-/// A read model for tests: records every applied position under a primary key, so a
+/// A read model for tests: records every position it is given under a primary key, so a
 /// double application fails loudly, and refuses events of type `Poison` unless cured.
+/// With `only`, it is concerned with events of that aggregate type alone.
 struct Ledger {
     name: &'static str,
     cured: bool,
+    only: Option<&'static str>,
 }
 
 fn ledger_model(name: &'static str, cured: bool) -> Arc<dyn ReadModel> {
-    Arc::new(Ledger { name, cured })
+    Arc::new(Ledger {
+        name,
+        cured,
+        only: None,
+    })
+}
+
+/// A ledger concerned only with the raw `test` events of `append_raw_event`.
+fn test_events_ledger(name: &'static str) -> Arc<dyn ReadModel> {
+    Arc::new(Ledger {
+        name,
+        cured: true,
+        only: Some("test"),
+    })
 }
 
 impl ReadModel for Ledger {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn concerns(&self, event: &StoredEvent) -> bool {
+        self.only
+            .is_none_or(|aggregate_type| event.aggregate_type == aggregate_type)
     }
 
     fn tables(&self) -> Vec<String> {
@@ -581,6 +601,81 @@ async fn a_group_member_whose_checkpoint_is_held_is_skipped_then_catches_up_by_i
     let later = restock(&db, product, 1).await;
     projection_reaches(&db, "held", later).await;
     projection_reaches(&db, "free", later).await;
+    group.cancel();
+    relay_stop.cancel();
+}
+
+/// Appends a raw `test` event (the only kind `test_events_ledger` is concerned with).
+async fn append_test_event(db: &TestDb, id: &str) -> i64 {
+    let mut tx = db.pool.begin().await.unwrap();
+    let position = append_raw_event(&mut tx, id, 1, "Noted").await;
+    tx.commit().await.unwrap();
+    position
+}
+
+#[tokio::test]
+async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint_follows() {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    // Alone (such a batch opens no transaction at all), and beside a member that is
+    // concerned with everything (the batch's one transaction leaves it out).
+    let lone = tokio::spawn(
+        ProjectionWorker::new(
+            db.pool.clone(),
+            stream.client.clone(),
+            test_events_ledger("picky"),
+            stream.worker_settings(),
+        )
+        .run(CancellationToken::new()),
+    );
+    let group = spawn_group(
+        &db,
+        &stream,
+        "mixed",
+        vec![
+            ledger_model("every", true),
+            test_events_ledger("picky_member"),
+        ],
+    );
+    for name in ["picky", "every", "picky_member"] {
+        projection_goes_live(&db, name).await;
+    }
+
+    let product = create_product(&db, "QUIET-1").await;
+    let mut last = 0;
+    for n in 1..=20 {
+        last = restock(&db, product, n).await;
+    }
+    let noted = append_test_event(&db, "quiet-noted-1").await;
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    for name in ["picky", "every", "picky_member"] {
+        projection_reaches(&db, name, last).await;
+    }
+    assert_eq!(ledger(&db, "picky").await, vec![noted]);
+    assert_eq!(ledger(&db, "picky_member").await, vec![noted]);
+    assert_eq!(ledger(&db, "every").await, committed_positions(&db).await);
+
+    // Killed as soon as the stream has carried more such events (before it may have written
+    // its checkpoint past them), it passes them by again from the store, and then follows
+    // the stream.
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "every", last).await;
+    lone.abort();
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    let again = spawn_worker(&db, &stream, test_events_ledger("picky"));
+    projection_reaches(&db, "picky", last).await;
+    let noted_again = append_test_event(&db, "quiet-noted-2").await;
+    projection_reaches(&db, "picky", noted_again).await;
+    assert_eq!(ledger(&db, "picky").await, vec![noted, noted_again]);
+    again.cancel();
     group.cancel();
     relay_stop.cancel();
 }
