@@ -269,6 +269,8 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(EVENTS_CHANNEL).await?;
         let mut local = self.local.clone();
+        // This process's appends need no announcement while its relay is the active one.
+        let _leading = local.as_ref().map(AppendWatch::leading);
         self.ensure_stream().await?;
         let mut published = self.checkpoint().await?;
         let mut wait = None;

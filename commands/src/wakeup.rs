@@ -9,9 +9,12 @@
 //! task sends `pg_notify` on [`EVENTS_CHANNEL`] in its own, flush-free transaction,
 //! coalescing every append that happened while the previous notification was on its way.
 //! The payload names the signalling process, so a relay ignores the echo of its own
-//! appends. A wake-up is only ever a hint: the relay also polls, so an append whose
+//! appends. While a relay of this process is the active one ([`AppendWatch::leading`]),
+//! nothing is sent: relays elsewhere stand by and read from their checkpoint when they
+//! take over. A wake-up is only ever a hint: the relay also polls, so an append whose
 //! process died before signalling is published all the same.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -38,6 +41,8 @@ struct Inner {
     origin: String,
     pool: PgPool,
     forwarder: Once,
+    /// How many relays of this process are active (one per stream at most).
+    leading: Arc<AtomicUsize>,
 }
 
 /// A relay's view of the appends made by its own process.
@@ -45,6 +50,20 @@ struct Inner {
 pub struct AppendWatch {
     receiver: watch::Receiver<i64>,
     origin: String,
+    leading: Arc<AtomicUsize>,
+}
+
+/// Held by a relay of this process while it is the active one; see
+/// [`AppendWatch::leading`].
+#[derive(Debug)]
+pub struct Leading {
+    leading: Arc<AtomicUsize>,
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.leading.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AppendSignal {
@@ -56,6 +75,7 @@ impl AppendSignal {
                 origin: Uuid::new_v4().simple().to_string(),
                 pool,
                 forwarder: Once::new(),
+                leading: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -68,6 +88,7 @@ impl AppendSignal {
                 self.inner.pool.clone(),
                 self.inner.sender.subscribe(),
                 self.inner.origin.clone(),
+                Arc::clone(&self.inner.leading),
             ));
         });
         self.inner
@@ -80,6 +101,7 @@ impl AppendSignal {
         AppendWatch {
             receiver: self.inner.sender.subscribe(),
             origin: self.inner.origin.clone(),
+            leading: Arc::clone(&self.inner.leading),
         }
     }
 }
@@ -97,14 +119,35 @@ impl AppendWatch {
     pub fn is_own(&self, payload: &str) -> bool {
         payload == self.origin
     }
+
+    /// Marks a relay of this process active until the answer is dropped: meanwhile this
+    /// process's appends are not announced to other processes, whose relays stand by (one
+    /// relay per stream is active; a database normally feeds one stream). A relay that
+    /// takes over later starts from its checkpoint, so it misses nothing; should it take
+    /// over before this process has noticed its own relay's end, it finds the appends of
+    /// that moment by its poll.
+    pub fn leading(&self) -> Leading {
+        self.leading.fetch_add(1, Ordering::SeqCst);
+        Leading {
+            leading: Arc::clone(&self.leading),
+        }
+    }
 }
 
 /// Tells other processes about appends, one notification per burst (at most one per
 /// [`COALESCE`]), until every signal of this process is gone.
-async fn forward(pool: PgPool, mut appends: watch::Receiver<i64>, origin: String) {
+async fn forward(
+    pool: PgPool,
+    mut appends: watch::Receiver<i64>,
+    origin: String,
+    leading: Arc<AtomicUsize>,
+) {
     while appends.changed().await.is_ok() {
         tokio::time::sleep(COALESCE).await;
         appends.borrow_and_update();
+        if leading.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
         if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(EVENTS_CHANNEL)
             .bind(&origin)
@@ -141,6 +184,10 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_millis(50), watch.appended()).await;
         assert!(again.is_err(), "a burst wakes the watch once");
         assert!(watch.is_own(&signal.inner.origin));
+        let leading = watch.leading();
+        assert_eq!(signal.inner.leading.load(Ordering::SeqCst), 1);
+        drop(leading);
+        assert_eq!(signal.inner.leading.load(Ordering::SeqCst), 0);
         assert!(!watch.is_own(""));
         assert!(!watch.is_own(&AppendSignal::new(lazy_pool()).inner.origin));
     }

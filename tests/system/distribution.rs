@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hindsight_commands::relay::{self, Relay};
+use hindsight_commands::wakeup::EVENTS_CHANNEL;
 use hindsight_commands::{Actor, CommandBus, EventMetadata, StoreSettings, StoredEvent};
 use hindsight_domain::ids::ProductId;
 use hindsight_domain::product::ProductCommand;
@@ -14,6 +15,7 @@ use hindsight_projections::progress::{ProjectionProgress, Waited};
 use hindsight_projections::read_model::{ApplyError, ReadModel};
 use hindsight_projections::worker::{self, ProjectionWorker};
 use hindsight_tests::{append_raw_event, eventually, PrivateNats, TestDb, TestStream};
+use sqlx::postgres::PgListener;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
@@ -156,6 +158,45 @@ async fn an_append_wakes_the_relay_of_its_own_process_directly() {
     let restocked = restock_with(&commands, product, 2).await;
     relay_publishes_promptly(&db, &stream, restocked).await;
     stop.cancel();
+}
+
+#[tokio::test]
+async fn a_process_whose_relay_is_active_announces_its_appends_to_no_one() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let mut announcements = PgListener::connect_with(&db.pool).await.unwrap();
+    announcements.listen(EVENTS_CHANNEL).await.unwrap();
+    let stop = CancellationToken::new();
+    let relay = sleepy_relay(&db, &stream).with_local_appends(commands.appends().watch());
+    tokio::spawn(relay.run(stop.clone()));
+    let (product, created) = create_product_with(&commands, "WAKE-NONE").await;
+    relay_publishes_promptly(&db, &stream, created).await;
+    // The creation may have been announced before the relay became active.
+    while let Ok(heard) =
+        tokio::time::timeout(Duration::from_millis(300), announcements.recv()).await
+    {
+        heard.unwrap();
+    }
+    let restocked = restock_with(&commands, product, 2).await;
+    relay_publishes_promptly(&db, &stream, restocked).await;
+    let heard = tokio::time::timeout(Duration::from_millis(500), announcements.recv()).await;
+    assert!(
+        heard.is_err(),
+        "an append is announced while its own process's relay is active: {heard:?}"
+    );
+
+    // Once that relay has stopped, a relay elsewhere is woken by this process's appends.
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let elsewhere = CancellationToken::new();
+    tokio::spawn(sleepy_relay(&db, &stream).run(elsewhere.clone()));
+    let first = restock_with(&commands, product, 3).await;
+    relay_reaches(&db, &stream, first).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = restock_with(&commands, product, 4).await;
+    relay_publishes_promptly(&db, &stream, next).await;
+    elsewhere.cancel();
 }
 
 #[tokio::test]
