@@ -774,8 +774,8 @@ impl ProjectionWorker {
     }
 
     /// Applies `events` (all after `from`, its stored checkpoint) to one read model and
-    /// moves its checkpoint to `to`, retrying; if the batch keeps failing, commits event by event up to the poison
-    /// event and marks the projection failed there.
+    /// moves its checkpoint to `to`, retrying; if the batch keeps failing, commits event by
+    /// event up to the poison event and marks the projection failed there.
     async fn commit_with_retries(
         &self,
         model: &Arc<dyn ReadModel>,

@@ -411,10 +411,15 @@ async fn checkpoint_until(
 
 /// Appends an event the `Ledger` refuses unless cured; answers its position.
 async fn append_poison(db: &TestDb) -> i64 {
+    append_test_event(db, "poison", "Poison").await
+}
+
+/// Appends the first event of raw `test` stream `id`; answers its position.
+async fn append_test_event(db: &TestDb, id: &str, event_type: &str) -> i64 {
     let mut tx = db.pool.begin().await.unwrap();
-    let poison = append_raw_event(&mut tx, "poison", 1, "Poison").await;
+    let position = append_raw_event(&mut tx, id, 1, event_type).await;
     tx.commit().await.unwrap();
-    poison
+    position
 }
 
 /// Waits for projection `name` to fail, and checks it stopped just before `poison`.
@@ -646,14 +651,6 @@ async fn a_group_member_whose_checkpoint_is_held_is_skipped_then_catches_up_by_i
     relay_stop.cancel();
 }
 
-/// Appends a raw `test` event (the only kind `test_events_ledger` is concerned with).
-async fn append_test_event(db: &TestDb, id: &str) -> i64 {
-    let mut tx = db.pool.begin().await.unwrap();
-    let position = append_raw_event(&mut tx, id, 1, "Noted").await;
-    tx.commit().await.unwrap();
-    position
-}
-
 #[tokio::test]
 async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint_follows() {
     let db = TestDb::new().await;
@@ -689,7 +686,7 @@ async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint
     for n in 1..=20 {
         last = restock(&db, product, n).await;
     }
-    let noted = append_test_event(&db, "quiet-noted-1").await;
+    let noted = append_test_event(&db, "quiet-noted-1", "Noted").await;
     for n in 1..=5 {
         last = restock(&db, product, n).await;
     }
@@ -713,7 +710,7 @@ async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint
     }
     let again = spawn_worker(&db, &stream, test_events_ledger("picky"));
     projection_reaches(&db, "picky", last).await;
-    let noted_again = append_test_event(&db, "quiet-noted-2").await;
+    let noted_again = append_test_event(&db, "quiet-noted-2", "Noted").await;
     projection_reaches(&db, "picky", noted_again).await;
     assert_eq!(ledger(&db, "picky").await, vec![noted, noted_again]);
     again.cancel();
