@@ -376,6 +376,15 @@ impl ReadModel for Ledger {
     }
 }
 
+/// A database with the ledger table, a stream of its own, and a relay feeding it.
+async fn ledger_system() -> (TestDb, TestStream, CancellationToken) {
+    let db = TestDb::new().await;
+    ledger_table(&db).await;
+    let stream = TestStream::new().await;
+    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    (db, stream, relay_stop)
+}
+
 async fn ledger_table(db: &TestDb) {
     sqlx::query(
         "CREATE TABLE test_ledger (projection text, position bigint, PRIMARY KEY (projection, position))",
@@ -462,10 +471,7 @@ async fn projection_goes_live(db: &TestDb, name: &str) {
 
 #[tokio::test]
 async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_once() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     let product = create_product(&db, "PROJ-1").await;
     let mut last = 0;
     for n in 1..=30 {
@@ -495,10 +501,7 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
 
 #[tokio::test]
 async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     let sick = spawn_worker(&db, &stream, ledger_model("sick", false));
     let healthy = spawn_worker(&db, &stream, ledger_model("healthy", true));
 
@@ -549,10 +552,7 @@ async fn checkpoint_position(db: &TestDb, name: &str) -> i64 {
 
 #[tokio::test]
 async fn a_poison_event_in_a_group_stops_only_the_read_model_it_breaks() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     let group = spawn_group(
         &db,
         &stream,
@@ -604,10 +604,7 @@ async fn a_poison_event_in_a_group_stops_only_the_read_model_it_breaks() {
 
 #[tokio::test]
 async fn a_group_member_whose_checkpoint_is_held_is_skipped_then_catches_up_by_itself() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     let group = spawn_group(
         &db,
         &stream,
@@ -653,10 +650,7 @@ async fn a_group_member_whose_checkpoint_is_held_is_skipped_then_catches_up_by_i
 
 #[tokio::test]
 async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint_follows() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     // Alone (such a batch opens no transaction at all), and beside a member that is
     // concerned with everything (the batch's one transaction leaves it out).
     let lone = tokio::spawn(
@@ -720,10 +714,7 @@ async fn batches_that_concern_a_read_model_not_never_reach_it_yet_its_checkpoint
 
 #[tokio::test]
 async fn a_group_takes_over_read_models_that_had_a_worker_of_their_own() {
-    let db = TestDb::new().await;
-    ledger_table(&db).await;
-    let stream = TestStream::new().await;
-    let relay_stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let (db, stream, relay_stop) = ledger_system().await;
     let solo = spawn_worker(&db, &stream, ledger_model("solo", true));
     let product = create_product(&db, "GROUP-TAKEOVER-1").await;
     let mut last = 0;
