@@ -7,7 +7,8 @@
 //! several times and writes the medians to `BENCHMARKS.md`. It is not part of `cargo test`
 //! and asserts nothing: a missed target is reported, not failed.
 //!
-//! Run it with `scripts/bench` (which builds in release mode first).
+//! Run it with `scripts/bench` (which builds in release mode first). Interrupted (Ctrl-C,
+//! SIGTERM), it stops the servers it started and removes its databases and streams.
 
 mod baseline;
 mod client;
@@ -95,6 +96,34 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let (postgres_url, nats_url) = (args.postgres_url.clone(), args.nats_url.clone());
+    tokio::select! {
+        result = measure(args) => result,
+        signal = interrupted() => {
+            // The measuring future is gone, and with it the servers it started.
+            eprintln!("bench: {signal}; removing this run's databases and streams");
+            server::remove_leftovers(&postgres_url, &nats_url).await?;
+            anyhow::bail!("interrupted by {signal}")
+        }
+    }
+}
+
+/// Resolves when the harness is asked to stop, naming the signal.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
+async fn measure(args: Args) -> Result<()> {
     let here = std::env::current_exe()?;
     let dir = here
         .parent()

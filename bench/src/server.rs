@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
+use futures::TryStreamExt as _;
 use rand::RngCore;
 use sqlx::{Connection, PgConnection};
 use tokio::io::AsyncWriteExt;
@@ -422,6 +423,41 @@ pub async fn delete_stream(nats_url: &str, stream: &str) -> Result<()> {
         Err(error) if error.to_string().contains("not found") => Ok(()),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Drops the databases and deletes the streams this process created (their names end in
+/// its process id: see [`Database::create`] and [`Config::new`]), after an interrupted run.
+pub async fn remove_leftovers(postgres_url: &str, nats_url: &str) -> Result<()> {
+    let suffix = format!("_{}", std::process::id());
+    let mut admin = PgConnection::connect(postgres_url)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", redact(postgres_url)))?;
+    let databases: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'hindsight_bench_%'",
+    )
+    .fetch_all(&mut admin)
+    .await?;
+    for name in databases.iter().filter(|name| name.ends_with(&suffix)) {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        eprintln!("bench: dropped database {name}");
+    }
+    let client = async_nats::connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+    let streams: Vec<String> = async_nats::jetstream::new(client)
+        .stream_names()
+        .try_collect()
+        .await?;
+    for name in streams
+        .iter()
+        .filter(|name| name.starts_with("bench_") && name.ends_with(&suffix))
+    {
+        delete_stream(nats_url, name).await?;
+        eprintln!("bench: deleted stream {name}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
