@@ -174,15 +174,18 @@ impl Member {
 
     /// Whether none of `events` after what it applied concerns it.
     fn passes_by(&self, events: &[StoredEvent]) -> bool {
-        !after(events, self.applied)
-            .iter()
-            .any(|event| self.model.concerns(event))
+        !concerned(&self.model, after(events, self.applied))
     }
 
     fn committed(&mut self, to: i64) {
         self.applied = to;
         self.stored = to;
     }
+}
+
+/// Whether some of `events` concern `model`: otherwise its `apply` is never called.
+fn concerned(model: &Arc<dyn ReadModel>, events: &[StoredEvent]) -> bool {
+    events.iter().any(|event| model.concerns(event))
 }
 
 /// The events of `events` (in position order) after position `from`.
@@ -870,7 +873,7 @@ impl ProjectionWorker {
                 found: current,
             });
         }
-        if events.iter().any(|event| model.concerns(event)) {
+        if concerned(model, events) {
             model.apply(&mut tx, events).await?;
         }
         sqlx::query(
