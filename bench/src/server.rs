@@ -25,6 +25,18 @@ pub struct Environment {
 }
 
 /// A database created for one benchmark run and dropped afterwards.
+/// This process's databases and streams are named `<prefix><label>_<process id>`.
+const DATABASE_PREFIX: &str = "hindsight_bench_";
+const STREAM_PREFIX: &str = "bench_";
+
+fn own_name(prefix: &str, label: &str) -> String {
+    format!("{prefix}{label}_{}", std::process::id())
+}
+
+fn is_own(prefix: &str, name: &str) -> bool {
+    name.starts_with(prefix) && name.ends_with(&format!("_{}", std::process::id()))
+}
+
 #[derive(Debug)]
 pub struct Database {
     pub name: String,
@@ -34,7 +46,7 @@ pub struct Database {
 
 impl Database {
     pub async fn create(env: &Environment, label: &str) -> Result<Self> {
-        let name = format!("hindsight_bench_{label}_{}", std::process::id());
+        let name = own_name(DATABASE_PREFIX, label);
         let mut admin = PgConnection::connect(&env.postgres_url)
             .await
             .with_context(|| {
@@ -115,7 +127,7 @@ impl Config {
         label: &str,
         extra: &[(&str, &str)],
     ) -> Self {
-        let stream = format!("bench_{label}_{}", std::process::id());
+        let stream = own_name(STREAM_PREFIX, label);
         let mut vars: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), database.url.clone()),
             ("NATS_URL".into(), env.nats_url.clone()),
@@ -412,12 +424,19 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Deletes the JetStream stream a server used.
-pub async fn delete_stream(nats_url: &str, stream: &str) -> Result<()> {
+async fn jetstream(nats_url: &str) -> Result<async_nats::jetstream::Context> {
     let client = async_nats::connect(nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {nats_url}"))?;
-    let jetstream = async_nats::jetstream::new(client);
+    Ok(async_nats::jetstream::new(client))
+}
+
+/// Deletes the JetStream stream a server used.
+pub async fn delete_stream(nats_url: &str, stream: &str) -> Result<()> {
+    delete_stream_in(&jetstream(nats_url).await?, stream).await
+}
+
+async fn delete_stream_in(jetstream: &async_nats::jetstream::Context, stream: &str) -> Result<()> {
     match jetstream.delete_stream(stream).await {
         Ok(_) => Ok(()),
         Err(error) if error.to_string().contains("not found") => Ok(()),
@@ -426,35 +445,27 @@ pub async fn delete_stream(nats_url: &str, stream: &str) -> Result<()> {
 }
 
 /// Drops the databases and deletes the streams this process created (their names end in
-/// its process id: see [`Database::create`] and [`Config::new`]), after an interrupted run.
+/// its process id), after an interrupted run.
 pub async fn remove_leftovers(postgres_url: &str, nats_url: &str) -> Result<()> {
-    let suffix = format!("_{}", std::process::id());
     let mut admin = PgConnection::connect(postgres_url)
         .await
         .with_context(|| format!("connecting to Postgres at {}", redact(postgres_url)))?;
-    let databases: Vec<String> = sqlx::query_scalar(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'hindsight_bench_%'",
-    )
-    .fetch_all(&mut admin)
-    .await?;
-    for name in databases.iter().filter(|name| name.ends_with(&suffix)) {
+    let databases: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database")
+        .fetch_all(&mut admin)
+        .await?;
+    for name in databases
+        .iter()
+        .filter(|name| is_own(DATABASE_PREFIX, name))
+    {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(&mut admin)
             .await?;
         eprintln!("bench: dropped database {name}");
     }
-    let client = async_nats::connect(nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
-    let streams: Vec<String> = async_nats::jetstream::new(client)
-        .stream_names()
-        .try_collect()
-        .await?;
-    for name in streams
-        .iter()
-        .filter(|name| name.starts_with("bench_") && name.ends_with(&suffix))
-    {
-        delete_stream(nats_url, name).await?;
+    let jetstream = jetstream(nats_url).await?;
+    let streams: Vec<String> = jetstream.stream_names().try_collect().await?;
+    for name in streams.iter().filter(|name| is_own(STREAM_PREFIX, name)) {
+        delete_stream_in(&jetstream, name).await?;
         eprintln!("bench: deleted stream {name}");
     }
     Ok(())
