@@ -2,7 +2,7 @@
 //! available and reserved exactly as the product aggregate keeps it, and a full-text
 //! search over name and description.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -183,33 +183,100 @@ impl Products {
         )
         .await?;
 
+        // Rows whose text this batch writes: new products and changed details. Only these
+        // are written whole; see `update_figures`.
+        let mut rewritten = BTreeSet::new();
+        let mut last = 0;
         for (event, id, change) in changes {
+            last = event.position;
+            if matches!(
+                change,
+                ProductEvent::ProductCreated { .. } | ProductEvent::ProductDetailsUpdated { .. }
+            ) {
+                rewritten.insert(id);
+            }
             fold(&mut products, event, id, change)?;
         }
-        self.upsert(connection, products.values()).await
+        let (whole, figures): (Vec<&ProductView>, Vec<&ProductView>) = products
+            .values()
+            .partition(|product| rewritten.contains(&product.id.as_uuid()));
+        if !whole.is_empty() {
+            self.upsert(&mut *connection, whole).await?;
+        }
+        if !figures.is_empty() {
+            self.update_figures(connection, figures, last).await?;
+        }
+        Ok(())
     }
 
-    async fn upsert<'p>(
+    /// Writes the price, stock, status and version of products whose row exists and whose
+    /// sku, name and description this batch leaves as they are: most batches, as stock
+    /// moves with every order. The row's stored search vector is computed from name and
+    /// description, and Postgres recomputes it on every statement that sets either of
+    /// them, even to the same text; an upsert also computes it for the row it proposes to
+    /// insert. Leaving them out of the statement made replaying a million events' stock
+    /// movements about three times cheaper in the database.
+    async fn update_figures(
         &self,
         connection: &mut PgConnection,
-        products: impl Iterator<Item = &'p ProductView>,
+        products: Vec<&ProductView>,
+        position: i64,
+    ) -> Result<(), ApplyError> {
+        let mut columns = ProductColumns::default();
+        for product in &products {
+            columns.push_figures(product);
+        }
+        let updated = sqlx::query(&format!(
+            "UPDATE {} AS p SET price_amount = u.price_amount, \
+                 price_currency = u.price_currency, stock_available = u.stock_available, \
+                 stock_reserved = u.stock_reserved, status = u.status, \
+                 updated_at = u.updated_at, version = u.version \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], \
+                         $6::text[], $7::timestamptz[], $8::bigint[]) \
+                  AS u(id, price_amount, price_currency, stock_available, stock_reserved, \
+                       status, updated_at, version) \
+             WHERE p.id = u.id",
+            self.table
+        ))
+        .bind(columns.id)
+        .bind(columns.price_amount)
+        .bind(columns.price_currency)
+        .bind(columns.stock_available)
+        .bind(columns.stock_reserved)
+        .bind(columns.status)
+        .bind(columns.updated_at)
+        .bind(columns.version)
+        .execute(connection)
+        .await?
+        .rows_affected();
+        // Every one of these rows was read in this transaction, by the read model's only
+        // writer: one missing means the table was changed behind its back.
+        if updated != products.len() as u64 {
+            return Err(ApplyError::Invariant {
+                position,
+                reason: format!(
+                    "{} of {} product rows read for this batch are gone from {}",
+                    products.len() as u64 - updated.min(products.len() as u64),
+                    products.len(),
+                    self.table
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    async fn upsert(
+        &self,
+        connection: &mut PgConnection,
+        products: Vec<&ProductView>,
     ) -> Result<(), ApplyError> {
         let mut columns = ProductColumns::default();
         for product in products {
-            columns.id.push(product.id.as_uuid());
+            columns.push_figures(product);
             columns.sku.push(product.sku.clone());
             columns.name.push(product.name.clone());
             columns.description.push(product.description.clone());
-            columns.price_amount.push(product.price.amount());
-            columns
-                .price_currency
-                .push(product.price.currency().as_str());
-            columns.stock_available.push(product.stock_available);
-            columns.stock_reserved.push(product.stock_reserved);
-            columns.status.push(product.status.as_str());
             columns.created_at.push(product.created_at);
-            columns.updated_at.push(product.updated_at);
-            columns.version.push(product.version);
         }
         sqlx::query(&format!(
             "INSERT INTO {} ({COLUMNS}) \
@@ -257,6 +324,20 @@ struct ProductColumns {
     created_at: Vec<DateTime<Utc>>,
     updated_at: Vec<DateTime<Utc>>,
     version: Vec<i64>,
+}
+
+impl ProductColumns {
+    /// The id and the columns that change without the product's text.
+    fn push_figures(&mut self, product: &ProductView) {
+        self.id.push(product.id.as_uuid());
+        self.price_amount.push(product.price.amount());
+        self.price_currency.push(product.price.currency().as_str());
+        self.stock_available.push(product.stock_available);
+        self.stock_reserved.push(product.stock_reserved);
+        self.status.push(product.status.as_str());
+        self.updated_at.push(product.updated_at);
+        self.version.push(product.version);
+    }
 }
 
 /// Folds one event the way the product aggregate does, including its stock arithmetic.

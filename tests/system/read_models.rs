@@ -660,6 +660,8 @@ async fn products_search_filter_sort_and_page() {
     assert_eq!(search(q("GRE"), by_created).await, [tea, mug]);
     assert_eq!(search(q("green mug"), by_created).await, [mug]);
     assert_eq!(search(q("shizuoka"), by_created).await, [tea]);
+    // The mug was renamed "Big tea mug" after it had been sold.
+    assert_eq!(search(q("big"), by_created).await, [mug]);
     // Anything else is a web search: phrases, exclusions, alternatives.
     assert_eq!(search(q("tea -mug"), by_created).await, [tea]);
     assert_eq!(search(q("\"dark roast\""), by_created).await, [coffee]);
