@@ -2110,7 +2110,7 @@ mod tests {
             sequence: 1,
             event_type: "UserDeactivated".to_owned(),
             event_version: "1".to_owned(),
-            payload: json!("UserDeactivated"),
+            payload: hindsight_commands::event::Payload::from_value(&json!("UserDeactivated")),
             metadata: EventMetadata::for_request(
                 hindsight_commands::Actor::system(),
                 "request".to_owned(),

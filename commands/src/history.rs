@@ -280,7 +280,13 @@ pub fn redact_secrets(value: &mut serde_json::Value) {
 
 /// `event` with the secrets of its payload redacted.
 pub fn redacted(mut event: StoredEvent) -> StoredEvent {
-    redact_secrets(&mut event.payload);
+    let mut payload = event.payload.to_value();
+    let stored = payload.clone();
+    redact_secrets(&mut payload);
+    // A payload without secrets keeps its text as stored.
+    if payload != stored {
+        event.payload = crate::event::Payload::from_value(&payload);
+    }
     event
 }
 

@@ -208,6 +208,16 @@ impl EventMetadata {
         })?;
         Self::from_map(&map)
     }
+
+    /// Parses the JSON text of the `metadata` column.
+    pub fn from_json_text(text: &str) -> Result<Self, MetadataError> {
+        let map =
+            serde_json::from_str::<HashMap<String, String>>(text).map_err(|_| MetadataError {
+                field: "metadata",
+                problem: "not an object of strings",
+            })?;
+        Self::from_map(&map)
+    }
 }
 
 #[cfg(test)]

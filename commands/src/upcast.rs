@@ -94,9 +94,14 @@ impl Upcaster {
 /// (aggregate type, event type, stored version) that [`upcast`] upgrades.
 const UPGRADES: &[(&str, &str, &str)] = &[("order", "OrderPlaced", "1")];
 
+/// Whether [`upcast`] leaves an event of this kind and version as it is.
+pub fn is_current(aggregate_type: &str, event_type: &str, event_version: &str) -> bool {
+    !UPGRADES.contains(&(aggregate_type, event_type, event_version))
+}
+
 impl EventUpcaster for Upcaster {
     fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
-        UPGRADES.contains(&(self.aggregate_type, event_type, event_version))
+        !is_current(self.aggregate_type, event_type, event_version)
     }
 
     fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {

@@ -63,7 +63,7 @@ async fn version_1_events_are_read_as_version_2_everywhere() {
     let events = read_events(&db.pool, 0, i64::MAX, 100).await.unwrap();
     assert_eq!(events[0].event_version, "2");
     assert_eq!(
-        events[0].payload["OrderPlaced"]["total"],
+        events[0].payload.to_value()["OrderPlaced"]["total"],
         json!({"amount": 1250, "currency": "EUR"})
     );
     let current: hindsight_domain::order::OrderEvent = events[0].decode().unwrap();
