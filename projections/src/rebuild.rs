@@ -100,7 +100,11 @@ pub fn rebuildable() -> Vec<&'static str> {
         .collect()
 }
 
-async fn record(pool: &PgPool, name: &str, progress: &Progress) -> Result<(), sqlx::Error> {
+async fn record<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    name: &str,
+    progress: &Progress,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE projection_rebuilds SET position = $2, target = $3, events_done = $4, \
                 updated_at = now() WHERE name = $1",
@@ -109,7 +113,7 @@ async fn record(pool: &PgPool, name: &str, progress: &Progress) -> Result<(), sq
     .bind(progress.position)
     .bind(progress.target)
     .bind(progress.events_done as i64)
-    .execute(pool)
+    .execute(executor)
     .await?;
     Ok(())
 }
@@ -558,7 +562,6 @@ async fn fill(
             .execute(&mut *tx)
             .await?;
         copy.apply(&mut tx, &events).await?;
-        tx.commit().await?;
         events_done += events.len() as u64;
         let report = Progress {
             events_done,
@@ -566,7 +569,9 @@ async fn fill(
             target,
             events_per_second: rate(events_done, started),
         };
-        record(&pool, name, &report).await?;
+        // With the batch, in its transaction: no round trip and no flush of its own.
+        record(&mut *tx, name, &report).await?;
+        tx.commit().await?;
         // The receiver only goes away once every filler has ended.
         progress.send((name, report)).ok();
     }
