@@ -6,12 +6,14 @@
 //! one reading of the history: each batch is read and decoded once and applied to every
 //! copy by a task of its own, on a connection of its own. The copies' secondary indexes
 //! are built once, after the replay. When a copy has caught up with its live checkpoint,
-//! one transaction locks the checkpoint row (so the live worker leaves this read model
-//! alone meanwhile), applies the last few events to the copy, compares copy and live table
-//! by table, and renames the copy into place, its indexes taking the names the live ones
-//! had. Queries wait at most for that rename. A rebuild killed half-way leaves the live
-//! tables untouched; the next one drops the leftover copy and starts again. One rebuild
-//! per projection runs at a time.
+//! it is compared with the live model, table by table, in a snapshot that sees both at
+//! the same position (taken while the checkpoint row is locked, so the live worker leaves
+//! this read model alone for that moment, and compared after the lock is released); then
+//! one transaction locks the checkpoint row again, applies the last few events to the
+//! copy, and renames the copy into place, its indexes taking the names the live ones had.
+//! The live worker pauses only while the copy catches up; queries wait at most for the
+//! rename. A rebuild killed half-way leaves the live tables untouched; the next one drops
+//! the leftover copy and starts again. One rebuild per projection runs at a time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -240,8 +242,8 @@ impl Rebuild {
         self,
         mut on_progress: impl FnMut(&'static str, Progress) + Send,
     ) -> Vec<(&'static str, Result<Report, RebuildError>)> {
-        let Rebuild { pool, targets } = self;
-        let outcomes = run(&pool, &targets, &mut on_progress).await;
+        let Rebuild { pool, mut targets } = self;
+        let outcomes = run(&pool, &mut targets, &mut on_progress).await;
         let mut answered = Vec::with_capacity(targets.len());
         for (target, mut outcome) in targets.into_iter().zip(outcomes) {
             let (status, error, differences) = match &outcome {
@@ -296,12 +298,12 @@ struct Replayed {
 /// deferred indexes and swaps it in. Answers one outcome per target, in order.
 async fn run(
     pool: &PgPool,
-    targets: &[Target],
+    targets: &mut [Target],
     on_progress: &mut (impl FnMut(&'static str, Progress) + Send),
 ) -> Vec<Result<Report, RebuildError>> {
     let started = Instant::now();
     let mut prepared = Vec::with_capacity(targets.len());
-    for target in targets {
+    for target in targets.iter() {
         prepared.push(prepare(pool, target).await);
     }
     let copies = targets
@@ -313,7 +315,7 @@ async fn run(
     let mut replayed = replay(pool, copies, started, on_progress).await.into_iter();
     // The copies are finished side by side: each waits only for its own indexes, its own
     // comparison and its own live worker.
-    let finishing = targets.iter().zip(prepared).map(|(target, prepared)| {
+    let finishing = targets.iter_mut().zip(prepared).map(|(target, prepared)| {
         let replayed = prepared.map(|deferred| (deferred, replayed.next()));
         async move {
             match replayed? {
@@ -578,61 +580,96 @@ async fn fill(
     Ok(())
 }
 
-/// Builds the copy's deferred indexes, all at once, then, in one transaction with the live worker
-/// paused on its checkpoint, applies the events the copy still lacks, compares copy and
-/// live table by table, and renames the copy into place.
+/// Finishes a copy whose replay got within a batch of its live model, in three steps:
+///
+/// 1. With the live worker paused on its checkpoint (the checkpoint row locked by the
+///    rebuild's own guard connection), the copy catches up to the live position, that is
+///    committed, and a snapshot is taken that sees both at it; then the worker goes on.
+/// 2. In that snapshot copy and live are compared, table by table, while the copy's
+///    deferred indexes are built, all at once, each on a connection of its own.
+/// 3. One transaction pauses the live worker again, applies the events the copy still
+///    lacks and renames the copy into place.
+///
+/// The comparison, which reads every row of both tables, thus neither holds up the live
+/// model nor waits for the indexes; the live worker pauses only while the copy catches up.
 async fn finish(
     pool: &PgPool,
-    target: &Target,
+    target: &mut Target,
     deferred: Vec<String>,
     replayed: Replayed,
     started: Instant,
 ) -> Result<(Report, Progress), RebuildError> {
     let name = target.name;
-    // Side by side, each on a connection of its own: an index build is mostly one
-    // backend sorting, and a copy's indexes are the last thing its swap waits for.
-    futures::future::try_join_all(
-        deferred
-            .iter()
-            .map(|definition| sqlx::query(definition).execute(pool)),
-    )
-    .await?;
     let Replayed {
         mut position,
         events: mut events_done,
     } = replayed;
     let tables = target.tables();
-    let mut tx = hindsight_commands::db::begin(pool).await?;
-    sqlx::query("SET LOCAL lock_timeout = '10s'")
-        .execute(&mut *tx)
-        .await?;
-    let live: i64 = sqlx::query_scalar(
-        "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-    )
-    .bind(name)
-    .fetch_optional(&mut *tx)
-    .await?
-    .unwrap_or(0);
-    loop {
-        let events = read_events_on(&mut tx, position, live, BATCH).await?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            break;
-        };
-        target.copy.apply(&mut tx, &events).await?;
-        position = last;
-        events_done += events.len() as u64;
+
+    // 1. The copy at the live position, and a snapshot of both there.
+    let pause = target.guard.begin().await?;
+    let pause = paused(pause, name).await?;
+    let compared_at = pause.live;
+    let held = async {
+        let mut catch_up = hindsight_commands::db::begin(pool).await?;
+        let caught_up = apply_up_to(&mut catch_up, &*target.copy, position, compared_at).await?;
+        catch_up.commit().await?;
+        let mut snapshot = hindsight_commands::db::begin(pool).await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *snapshot)
+            .await?;
+        // The snapshot is taken by the transaction's first query.
+        sqlx::query("SELECT 1").execute(&mut *snapshot).await?;
+        Ok::<_, RebuildError>((snapshot, caught_up))
     }
-    let mut differences = Vec::new();
-    for (live_table, copy_table) in &tables {
-        let (only_live, only_rebuilt) = compare(&mut tx, live_table, copy_table).await?;
-        if only_live != 0 || only_rebuilt != 0 {
-            differences.push(Difference {
-                table: live_table.clone(),
-                only_live,
-                only_rebuilt,
-            });
+    .await;
+    let (mut snapshot, caught_up) = match held {
+        Ok(held) => {
+            pause.transaction.commit().await?;
+            held
         }
-    }
+        Err(error) => {
+            // Let the live worker go on at once, not when the whole rebuild ends.
+            pause.transaction.rollback().await.ok();
+            return Err(error);
+        }
+    };
+    position = caught_up.0;
+    events_done += caught_up.1;
+
+    // 2. The comparison in the snapshot, the indexes side by side with it.
+    let comparing = async {
+        let mut differences = Vec::new();
+        for (live_table, copy_table) in &tables {
+            let (only_live, only_rebuilt) = compare(&mut snapshot, live_table, copy_table).await?;
+            if only_live != 0 || only_rebuilt != 0 {
+                differences.push(Difference {
+                    table: live_table.clone(),
+                    only_live,
+                    only_rebuilt,
+                });
+            }
+        }
+        snapshot.commit().await?;
+        Ok::<_, sqlx::Error>(differences)
+    };
+    // An index build is mostly one backend sorting, and a copy's indexes are the last
+    // thing its swap waits for.
+    let indexing = futures::future::try_join_all(
+        deferred
+            .iter()
+            .map(|definition| sqlx::query(definition).execute(pool)),
+    );
+    let (differences, _) = futures::future::try_join(comparing, indexing).await?;
+
+    // 3. The swap.
+    let Paused {
+        transaction: mut tx,
+        live,
+    } = paused(hindsight_commands::db::begin(pool).await?, name).await?;
+    let caught_up = apply_up_to(&mut tx, &*target.copy, position, live).await?;
+    position = caught_up.0;
+    events_done += caught_up.1;
     for (live_table, copy_table) in &tables {
         let mut names = index_names(&mut tx, live_table).await?;
         let copies = index_names(&mut tx, copy_table).await?;
@@ -676,6 +713,7 @@ async fn finish(
     if !differences.is_empty() {
         tracing::warn!(
             projection = name,
+            compared_at,
             ?differences,
             "the rebuilt model differs from the live one; the rebuilt one is now live"
         );
@@ -687,6 +725,51 @@ async fn finish(
         differences,
     };
     Ok((report, progress))
+}
+
+/// A transaction holding a projection's checkpoint row, so its live worker leaves the
+/// read model alone, and the position the live model had reached.
+struct Paused<'c> {
+    transaction: sqlx::Transaction<'c, sqlx::Postgres>,
+    live: i64,
+}
+
+async fn paused<'c>(
+    mut transaction: sqlx::Transaction<'c, sqlx::Postgres>,
+    name: &str,
+) -> Result<Paused<'c>, sqlx::Error> {
+    sqlx::query("SET LOCAL lock_timeout = '10s'")
+        .execute(&mut *transaction)
+        .await?;
+    let live: i64 = sqlx::query_scalar(
+        "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+    )
+    .bind(name)
+    .fetch_optional(&mut *transaction)
+    .await?
+    .unwrap_or(0);
+    Ok(Paused { transaction, live })
+}
+
+/// Applies to `copy` the events after `position` up to `up_to`, in batches, through
+/// `connection`; answers the position reached and how many events were applied.
+async fn apply_up_to(
+    connection: &mut PgConnection,
+    copy: &dyn ReadModel,
+    mut position: i64,
+    up_to: i64,
+) -> Result<(i64, u64), RebuildError> {
+    let mut applied = 0;
+    loop {
+        let events = read_events_on(connection, position, up_to, BATCH).await?;
+        let Some(last) = events.last().map(|event| event.position) else {
+            break;
+        };
+        copy.apply(connection, &events).await?;
+        position = last;
+        applied += events.len() as u64;
+    }
+    Ok((position, applied))
 }
 
 /// Every index of `table` with what it indexes: its definition without its own name and

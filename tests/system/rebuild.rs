@@ -417,3 +417,87 @@ async fn operators_start_a_rebuild_over_http_and_watch_it_finish() {
     );
     assert_eq!(post("nonsense").await.unwrap().status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_model_keeps_following_the_stream_while_its_copy_is_compared() {
+    let system = Arc::new(TestSystem::start().await);
+    let products = catalogue(&system, 2, 0).await;
+    // Rows no event explains, far above any position, make the comparison take a while
+    // (and show up in it): a live table that went wrong, or merely a large one.
+    let extra = 600_000;
+    sqlx::query(
+        "INSERT INTO audit_trail (position, event_id, recorded_at, actor_role, request_id, \
+                                  correlation_id, causation_id, aggregate_type, \
+                                  aggregate_id, event_type, summary) \
+         SELECT 1000000000000000 + n, gen_random_uuid(), now(), 'system', 'r', 'c', 'c', \
+                'product', n::text, 'Stray', 'stray row' \
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(extra)
+    .execute(&system.db.pool)
+    .await
+    .unwrap();
+
+    // While commands go on, watch the live checkpoint whenever the comparison is running.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = restock_until(&system, products.clone(), &stop);
+    let watcher = {
+        let (system, stop) = (Arc::clone(&system), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let comparing: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity \
+                     WHERE datname = current_database() AND state = 'active' \
+                       AND pid <> pg_backend_pid() \
+                       AND query LIKE '%FULL JOIN audit_trail_rebuild%')",
+                )
+                .fetch_one(&system.db.pool)
+                .await
+                .unwrap();
+                if comparing {
+                    let live = worker::checkpoint(&system.db.pool, "audit_trail")
+                        .await
+                        .unwrap()
+                        .map_or(0, |checkpoint| checkpoint.position);
+                    seen.push(live);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        })
+    };
+
+    let report = rebuild::rebuild(&system.db.pool, "audit_trail", |_| {})
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(load.await.unwrap() > 0);
+    let seen = watcher.await.unwrap();
+
+    assert_eq!(
+        report.differences,
+        vec![rebuild::Difference {
+            table: "audit_trail".into(),
+            only_live: extra,
+            only_rebuilt: 0,
+        }]
+    );
+    assert!(
+        seen.len() >= 3,
+        "the comparison was seen running only {} times",
+        seen.len()
+    );
+    // The live audit trail went on applying events while its copy was being compared.
+    assert!(
+        seen.last() > seen.first(),
+        "the live checkpoint stood still at {seen:?} during the comparison"
+    );
+    all_at_head(&system).await;
+    let (trail, events): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM audit_trail), (SELECT count(*) FROM events)")
+            .fetch_one(&system.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(trail, events, "the stray rows are gone with the swap");
+}
