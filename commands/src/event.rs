@@ -165,22 +165,23 @@ impl StoredEvent {
     }
 }
 
-/// The JSON text of a `jsonb` column, as Postgres sends it: in the binary format, a
-/// version byte (1) and the text.
+/// The JSON text of a `jsonb` (or `json`) column. Postgres sends `jsonb` in the binary
+/// format as a version byte (1) and the text; `json`, and either in the text format, as
+/// the text alone.
 fn jsonb_text<'r>(row: &'r PgRow, column: &str) -> Result<&'r str, sqlx::Error> {
-    use sqlx::{Decode, Postgres, ValueRef};
+    use sqlx::postgres::PgValueFormat;
+    use sqlx::{TypeInfo, ValueRef};
     let value = row.try_get_raw(column)?;
     let bytes = if value.is_null() {
         &b"null"[..]
     } else {
-        let format = value.format();
-        let bytes = <&[u8] as Decode<Postgres>>::decode(value).map_err(decode_error(column))?;
-        match (format, bytes.split_first()) {
-            (sqlx::postgres::PgValueFormat::Binary, Some((1, text))) => text,
-            (sqlx::postgres::PgValueFormat::Binary, _) => {
-                return Err(decode_error(column)("not jsonb of format version 1".into()))
-            }
-            (sqlx::postgres::PgValueFormat::Text, _) => bytes,
+        let versioned =
+            value.format() == PgValueFormat::Binary && value.type_info().name() == "JSONB";
+        let bytes = value.as_bytes().map_err(decode_error(column))?;
+        match (versioned, bytes.split_first()) {
+            (false, _) => bytes,
+            (true, Some((1, text))) => text,
+            (true, _) => return Err(decode_error(column)("not jsonb of format version 1".into())),
         }
     };
     std::str::from_utf8(bytes).map_err(|error| decode_error(column)(error.into()))

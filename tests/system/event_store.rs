@@ -232,6 +232,65 @@ async fn commands_answer_their_version_and_global_position_and_store_typed_metad
 }
 
 #[tokio::test]
+async fn stored_events_read_alike_from_jsonb_and_json_in_either_wire_format() {
+    use hindsight_commands::event::{read_events, StoredEvent, EVENT_COLUMNS};
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let user = UserId::new();
+    commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, "json@example.com"),
+            &metadata("req-json-1"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let product = ProductId::new();
+    for command in [create_product(product, "JSON-1", 3), restock(4)] {
+        commands
+            .products
+            .execute(product.as_uuid(), command, &metadata("req-json-2"), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let events = read_events(&db.pool, 0, i64::MAX, 100).await.unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events[2].payload.get().contains("ProductRestocked"));
+
+    // `json` columns in the binary format carry no version byte.
+    let as_json = EVENT_COLUMNS.replace(
+        "payload, metadata",
+        "payload::json AS payload, metadata::json AS metadata",
+    );
+    let rows = sqlx::query(&format!("SELECT {as_json} FROM events ORDER BY position"))
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let from_json: Vec<StoredEvent> = rows
+        .iter()
+        .map(|row| StoredEvent::from_row(row).unwrap())
+        .collect();
+    assert_eq!(from_json, events);
+
+    // A simple query answers in the text format.
+    let rows = sqlx::raw_sql(&format!(
+        "SELECT {EVENT_COLUMNS} FROM events ORDER BY position"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let from_text: Vec<StoredEvent> = rows
+        .iter()
+        .map(|row| StoredEvent::from_row(row).unwrap())
+        .collect();
+    assert_eq!(from_text, events);
+}
+
+#[tokio::test]
 async fn refusals_and_stale_versions_append_nothing() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
