@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures::future::join_all;
-use hindsight_commands::{Actor, EventMetadata, Refusal, StoreSettings, UniqueKey};
+use hindsight_commands::{Actor, CommandBus, EventMetadata, Refusal, StoreSettings, UniqueKey};
 use hindsight_domain::ids::{ProductId, UserId};
 use hindsight_domain::product::{ProductCommand, ProductError};
 use hindsight_domain::role::Role;
@@ -28,6 +28,23 @@ fn register(user_id: UserId, email: &str) -> UserCommand {
             .unwrap(),
         role: Role::Customer,
     }
+}
+
+/// Registers a new user through `commands`; answers its id.
+async fn registered(commands: &CommandBus, email: &str, request: &str) -> UserId {
+    let user = UserId::new();
+    commands
+        .users
+        .execute(
+            user.as_uuid(),
+            register(user, email),
+            &metadata(request),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    user
 }
 
 fn create_product(product_id: ProductId, sku: &str, stock: u32) -> ProductCommand {
@@ -95,18 +112,7 @@ async fn migrating_an_up_to_date_database_changes_nothing() {
 async fn the_database_refuses_to_change_history() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
-    let user = UserId::new();
-    commands
-        .users
-        .execute(
-            user.as_uuid(),
-            register(user, "ann@example.com"),
-            &metadata("r1"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    registered(&commands, "ann@example.com", "r1").await;
 
     for statement in [
         "UPDATE events SET payload = '{}'::jsonb",
@@ -236,18 +242,7 @@ async fn stored_events_read_alike_from_jsonb_and_json_in_either_wire_format() {
     use hindsight_commands::event::{read_events, StoredEvent, EVENT_COLUMNS};
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
-    let user = UserId::new();
-    commands
-        .users
-        .execute(
-            user.as_uuid(),
-            register(user, "json@example.com"),
-            &metadata("req-json-1"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    registered(&commands, "json@example.com", "req-json-1").await;
     let product = ProductId::new();
     for command in [create_product(product, "JSON-1", 3), restock(4)] {
         commands
@@ -266,15 +261,16 @@ async fn stored_events_read_alike_from_jsonb_and_json_in_either_wire_format() {
         "payload, metadata",
         "payload::json AS payload, metadata::json AS metadata",
     );
+    let decoded = |rows: Vec<sqlx::postgres::PgRow>| -> Vec<StoredEvent> {
+        rows.iter()
+            .map(|row| StoredEvent::from_row(row).unwrap())
+            .collect()
+    };
     let rows = sqlx::query(&format!("SELECT {as_json} FROM events ORDER BY position"))
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    let from_json: Vec<StoredEvent> = rows
-        .iter()
-        .map(|row| StoredEvent::from_row(row).unwrap())
-        .collect();
-    assert_eq!(from_json, events);
+    assert_eq!(decoded(rows), events);
 
     // A simple query answers in the text format.
     let rows = sqlx::raw_sql(&format!(
@@ -283,11 +279,7 @@ async fn stored_events_read_alike_from_jsonb_and_json_in_either_wire_format() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let from_text: Vec<StoredEvent> = rows
-        .iter()
-        .map(|row| StoredEvent::from_row(row).unwrap())
-        .collect();
-    assert_eq!(from_text, events);
+    assert_eq!(decoded(rows), events);
 }
 
 #[tokio::test]
@@ -536,18 +528,7 @@ async fn concurrent_products_with_one_sku_make_exactly_one_product() {
 async fn a_refused_registration_leaves_no_key_claimed() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
-    let user = UserId::new();
-    commands
-        .users
-        .execute(
-            user.as_uuid(),
-            register(user, "first@example.com"),
-            &metadata("a"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let user = registered(&commands, "first@example.com", "a").await;
     // Registering the same aggregate again is refused by the aggregate; the e-mail of the
     // refused attempt must stay free for someone else.
     let refused = commands
