@@ -200,15 +200,6 @@ impl EventMetadata {
         })
     }
 
-    /// Parses the JSON object stored in the `metadata` column.
-    pub fn from_json(value: &serde_json::Value) -> Result<Self, MetadataError> {
-        let map = HashMap::<String, String>::deserialize(value).map_err(|_| MetadataError {
-            field: "metadata",
-            problem: "not an object of strings",
-        })?;
-        Self::from_map(&map)
-    }
-
     /// Parses the JSON text of the `metadata` column.
     pub fn from_json_text(text: &str) -> Result<Self, MetadataError> {
         let map =

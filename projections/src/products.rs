@@ -186,9 +186,8 @@ impl Products {
         // Rows whose text this batch writes: new products and changed details. Only these
         // are written whole; see `update_figures`.
         let mut rewritten = BTreeSet::new();
-        let mut last = 0;
+        let last = changes.last().map_or(0, |(event, _, _)| event.position);
         for (event, id, change) in changes {
-            last = event.position;
             if matches!(
                 change,
                 ProductEvent::ProductCreated { .. } | ProductEvent::ProductDetailsUpdated { .. }

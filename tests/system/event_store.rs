@@ -234,7 +234,10 @@ async fn commands_answer_their_version_and_global_position_and_store_typed_metad
     assert_eq!(rows[0].get::<i64, _>("position"), registered.position);
     assert_eq!(rows[1].get::<i64, _>("position"), renamed.position);
     let stored: serde_json::Value = rows[1].get("metadata");
-    assert_eq!(EventMetadata::from_json(&stored).unwrap(), rename_metadata);
+    assert_eq!(
+        EventMetadata::from_json_text(&stored.to_string()).unwrap(),
+        rename_metadata
+    );
 }
 
 #[tokio::test]
