@@ -261,30 +261,34 @@ pub async fn fold<A: Aggregate>(
 }
 
 /// Replaces every secret field ([`SECRET_FIELDS`]) anywhere in `value` with
-/// [`REDACTED`]. Payloads, metadata and states shown to people pass through here.
-pub fn redact_secrets(value: &mut serde_json::Value) {
+/// [`REDACTED`]; answers whether there was one. Payloads, metadata and states shown to
+/// people pass through here.
+pub fn redact_secrets(value: &mut serde_json::Value) -> bool {
     match value {
         serde_json::Value::Object(object) => {
+            let mut found = false;
             for (key, field) in object.iter_mut() {
                 if SECRET_FIELDS.contains(&key.as_str()) {
                     *field = serde_json::Value::String(REDACTED.to_owned());
+                    found = true;
                 } else {
-                    redact_secrets(field);
+                    found |= redact_secrets(field);
                 }
             }
+            found
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_secrets),
-        _ => {}
+        serde_json::Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |found, item| redact_secrets(item) | found),
+        _ => false,
     }
 }
 
 /// `event` with the secrets of its payload redacted.
 pub fn redacted(mut event: StoredEvent) -> StoredEvent {
     let mut payload = event.payload.to_value();
-    let stored = payload.clone();
-    redact_secrets(&mut payload);
     // A payload without secrets keeps its text as stored.
-    if payload != stored {
+    if redact_secrets(&mut payload) {
         event.payload = crate::event::Payload::from_value(&payload);
     }
     event
