@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hindsight_api::password::Passwords;
-use hindsight_api::state::{AppState, HttpSettings};
+use hindsight_api::state::{AppState, HttpSettings, Services};
 use hindsight_commands::{db, CommandBus, StoreSettings};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -148,7 +148,7 @@ impl TestApp {
     }
 
     /// Spawns the app after `configure` adjusted its state.
-    pub async fn spawn_with(db: &TestDb, configure: impl FnOnce(&mut AppState)) -> Self {
+    pub async fn spawn_with(db: &TestDb, configure: impl FnOnce(&mut Services)) -> Self {
         let nats = nats_client().await;
         let progress = hindsight_projections::progress::ProjectionProgress::start(
             db.pool.clone(),
@@ -163,7 +163,7 @@ impl TestApp {
         )
         .await
         .expect("listen for access changes");
-        let mut state = AppState {
+        let mut services = Services {
             commands: db.commands(StoreSettings::default()),
             pool: db.pool.clone(),
             nats: Some(nats),
@@ -187,7 +187,8 @@ impl TestApp {
                     .expect("a valid test key"),
             ),
         };
-        configure(&mut state);
+        configure(&mut services);
+        let state = AppState::new(services);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");

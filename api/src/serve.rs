@@ -20,7 +20,7 @@ use crate::config::ServeArgs;
 use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
 use crate::routes::auth::LoginThrottle;
-use crate::state::{AppState, HttpSettings};
+use crate::state::{AppState, HttpSettings, Services};
 
 /// How long components get to finish after shutdown was requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -70,7 +70,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         AccessCache::off(pool.clone())
     };
-    let state = AppState {
+    let state = AppState::new(Services {
         commands,
         pool,
         nats: Some(nats.clone()),
@@ -94,7 +94,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 args.auth_rate_limit_per_minute,
             ))
         }),
-    };
+    });
 
     if let Some(limits) = state.rate_limits.clone() {
         let stop = shutdown.clone();

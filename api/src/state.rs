@@ -1,5 +1,6 @@
 //! The shared application state handed to every handler.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use hindsight_commands::CommandBus;
@@ -12,9 +13,29 @@ use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
 use crate::routes::auth::LoginThrottle;
 
-/// Cheap to clone: everything inside is reference counted.
+/// What every handler shares, behind one reference count: extractors and middleware clone
+/// the state several times per request, and cloning the services themselves would touch
+/// a dozen counters each time.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The services behind [`AppState`].
+#[derive(Debug, Clone)]
+pub struct Services {
     pub commands: CommandBus,
     pub pool: PgPool,
     pub nats: Option<async_nats::Client>,

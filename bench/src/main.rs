@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sqlx::{Connection, PgConnection};
 
-use crate::scenarios::{Figures, Settings};
+use crate::scenarios::{Figures, Scenario, Settings};
 use crate::server::Environment;
 
 #[derive(Debug, Parser)]
@@ -55,9 +55,10 @@ struct Args {
     /// Skip the rebuild scenario (it seeds a large history).
     #[arg(long)]
     skip_rebuild: bool,
-    /// Skip scenarios 1, 2, 3, 5 and 6.
-    #[arg(long)]
-    only_rebuild: bool,
+    /// Run only these scenarios (comma-separated), to profile one of them; the report
+    /// then leaves the others out. `writes` is scenarios 1 and 6 together.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Scenario>,
     /// Keep the rebuild scenario's seeded database afterwards (its name is logged), to
     /// profile `hindsight projections rebuild` against it by hand.
     #[arg(long)]
@@ -147,7 +148,17 @@ async fn measure(args: Args) -> Result<()> {
         hindsight,
         work_dir,
     };
+    let chosen = |scenario| args.only.is_empty() || args.only.contains(&scenario);
     let settings = Settings {
+        scenarios: [
+            Scenario::Writes,
+            Scenario::Lag,
+            Scenario::History,
+            Scenario::Reads,
+        ]
+        .into_iter()
+        .filter(|scenario| chosen(*scenario))
+        .collect(),
         warmup: args.warmup,
         duration: args.duration,
         history_events: args.history_events,
@@ -161,13 +172,13 @@ async fn measure(args: Args) -> Result<()> {
     }
 
     let mut runs: Vec<Figures> = vec![Figures::new(); args.runs];
-    if !args.only_rebuild {
+    if !settings.scenarios.is_empty() {
         for (index, figures) in runs.iter_mut().enumerate() {
             eprintln!("bench: run {} of {}", index + 1, args.runs);
             figures.extend(scenarios::run(&env, &settings, index + 1).await?);
         }
     }
-    if !args.skip_rebuild {
+    if !args.skip_rebuild && chosen(Scenario::Rebuild) {
         eprintln!(
             "bench: rebuild scenario ({} events)",
             settings.rebuild_events

@@ -25,12 +25,29 @@ pub type Figures = BTreeMap<String, f64>;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Which of the scenarios that share a server run (the rebuild has its own).
+    pub scenarios: Vec<Scenario>,
     pub warmup: Duration,
     pub duration: Duration,
     pub history_events: u64,
     pub rebuild_events: u64,
     pub read_products: usize,
     pub keep_rebuild_database: bool,
+}
+
+/// The scenarios, as `--only` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// 1 and 6: write throughput and the server's memory meanwhile.
+    Writes,
+    /// 2: history does not slow commands.
+    History,
+    /// 3: projection lag at a steady rate.
+    Lag,
+    /// 4: the rebuild of every read model from a million events.
+    Rebuild,
+    /// 5: single GETs and filtered listings.
+    Reads,
 }
 
 const PASSWORD: &str = "bench-password-123";
@@ -111,24 +128,32 @@ async fn run_on(settings: &Settings, database: &Database, server: &Server) -> Re
     let fixture = setup(database, server).await?;
     wait_idle(&fixture.pool).await?;
 
-    let idle = server.memory().unwrap_or_default();
-    put(&mut figures, "s6.idle_rss_mb", mb(idle.rss));
-    let sampler = MemorySampler::start(server);
-    writes(settings, database, &fixture, &mut figures).await?;
-    let peak = sampler.stop(server);
-    put(&mut figures, "s6.peak_rss_mb", mb(peak));
-    log(format!(
-        "peak RSS during writes: {:.1} MB (idle {:.1} MB)",
-        mb(peak),
-        mb(idle.rss)
-    ));
-    wait_idle(&fixture.pool).await?;
-
-    lag(settings, database, &fixture, &mut figures).await?;
-    wait_idle(&fixture.pool).await?;
-    history(settings, &fixture, &mut figures).await?;
-    wait_idle(&fixture.pool).await?;
-    reads(settings, database, &fixture, &mut figures).await?;
+    let chosen = |scenario| settings.scenarios.contains(&scenario);
+    if chosen(Scenario::Writes) {
+        let idle = server.memory().unwrap_or_default();
+        put(&mut figures, "s6.idle_rss_mb", mb(idle.rss));
+        let sampler = MemorySampler::start(server);
+        writes(settings, database, &fixture, &mut figures).await?;
+        let peak = sampler.stop(server);
+        put(&mut figures, "s6.peak_rss_mb", mb(peak));
+        log(format!(
+            "peak RSS during writes: {:.1} MB (idle {:.1} MB)",
+            mb(peak),
+            mb(idle.rss)
+        ));
+        wait_idle(&fixture.pool).await?;
+    }
+    if chosen(Scenario::Lag) {
+        lag(settings, database, &fixture, &mut figures).await?;
+        wait_idle(&fixture.pool).await?;
+    }
+    if chosen(Scenario::History) {
+        history(settings, &fixture, &mut figures).await?;
+        wait_idle(&fixture.pool).await?;
+    }
+    if chosen(Scenario::Reads) {
+        reads(settings, database, &fixture, &mut figures).await?;
+    }
     Ok(figures)
 }
 
