@@ -26,6 +26,9 @@ async fn pool(url: &str, connections: usize) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(connections as u32)
         .min_connections(connections as u32)
+        // A raw client sends its statement and nothing else (sqlx would otherwise check
+        // each connection with a round trip of its own when handing it out).
+        .test_before_acquire(false)
         .connect(url)
         .await?)
 }

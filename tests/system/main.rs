@@ -16,6 +16,7 @@ mod integrity;
 mod openapi;
 mod order_process;
 mod orders;
+mod pool;
 mod protections;
 mod read_models;
 mod rebuild;
