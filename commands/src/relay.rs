@@ -5,12 +5,17 @@
 //! transactions commit in any order: a reader can see position 11 committed while 10 is
 //! still in flight, and a relay that simply advanced past 10 would lose it forever. The
 //! store stamps each event with its transaction id, drawn *before* its position (see
-//! `migrations/0001_event_store.sql`), so a transaction holding a position is always in
-//! the in-progress list of any later snapshot. The relay therefore reads events together
-//! with the snapshot that saw them, publishes the gap-free prefix, and at a gap either
-//! proves it permanent (no transaction in flight could fill it: it was rolled back) or
-//! waits until the transactions in flight at that snapshot have finished, then reads
-//! again. Nothing is skipped on a timer.
+//! `migrations/0001_event_store.sql`), so a transaction holding a position below a visible
+//! one had its id before the snapshot that sees the visible one was taken. The relay
+//! therefore reads events together with the snapshot that saw them and publishes the
+//! gap-free prefix. At a gap it draws a transaction id of its own, the *horizon*, newer
+//! than every id handed out before that snapshot, and waits until a later snapshot's
+//! `xmin` has passed the horizon: every transaction that could hold a missing position
+//! has then ended, and what that snapshot still lacks below the gap was rolled back.
+//! (A snapshot's in-progress list is not enough: Postgres leaves out of it the running
+//! transactions whose ids are newer than the newest completed one, so a transaction that
+//! took its id early and its position late can commit above a position held by a
+//! transaction the list does not name.) Nothing is skipped on a timer.
 //!
 //! Messages carry `Nats-Msg-Id` (the event id, for JetStream's duplicate window),
 //! `Hindsight-Position`, `Hindsight-Previous-Position` (the position published just
@@ -86,61 +91,46 @@ pub enum RelayError {
     Snapshot(String),
 }
 
-/// A Postgres snapshot as `pg_current_snapshot()` prints it: `xmin:xmax:xip,...`.
+/// What the relay needs of a Postgres snapshot as `pg_current_snapshot()` prints it
+/// (`xmin:xmax:xip,...`): its `xmin`, below which every transaction has ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Snapshot {
-    in_progress: Vec<u64>,
+    xmin: u64,
 }
 
 impl Snapshot {
     fn parse(text: &str) -> Result<Self, RelayError> {
         let bad = || RelayError::Snapshot(text.to_owned());
         let mut parts = text.split(':');
-        let (_xmin, _xmax, xip) = (
-            parts.next().ok_or_else(bad)?,
-            parts.next().ok_or_else(bad)?,
-            parts.next().unwrap_or(""),
-        );
-        let in_progress = xip
-            .split(',')
-            .filter(|xid| !xid.is_empty())
-            .map(|xid| xid.parse::<u64>().map_err(|_| bad()))
-            .collect::<Result<_, _>>()?;
-        Ok(Self { in_progress })
-    }
-
-    fn is_in_progress(&self, xid: u64) -> bool {
-        self.in_progress.contains(&xid)
+        let xmin = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let _xmax = parts.next().ok_or_else(bad)?;
+        Ok(Self { xmin })
     }
 }
 
-/// A gap the relay is waiting on: positions below `below` that were not visible are
-/// settled once every transaction in `in_flight` has finished.
+/// A gap the relay is waiting on: positions up to `below` that were not visible are
+/// settled once a snapshot's `xmin` is past `horizon`, a transaction id drawn after the
+/// snapshot that saw the gap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct GapWait {
-    in_flight: Vec<u64>,
+    horizon: u64,
     below: i64,
 }
 
-/// How many of `positions` (ascending, all `> checkpoint`) may be published now.
+/// How many of `positions` (ascending, all `> checkpoint`) may be published now, and,
+/// when publishing stops at a gap not yet waited on, the last position read: the caller
+/// draws a horizon and waits on the gap up to it.
 ///
-/// A gap before a visible position is permanent when no transaction was in progress in
-/// the snapshot that saw the rows, or when it lies below an earlier wait whose in-flight
-/// transactions have all finished. Otherwise publishing stops at the gap and `wait`
-/// records what must finish first.
+/// A gap is settled (permanent) when it lies below an earlier wait whose horizon the
+/// snapshot's `xmin` has passed.
 fn publishable_prefix(
     checkpoint: i64,
     positions: &[i64],
     snapshot: &Snapshot,
     wait: &mut Option<GapWait>,
-) -> usize {
+) -> (usize, Option<i64>) {
     let settled_below = match wait {
-        Some(pending)
-            if pending
-                .in_flight
-                .iter()
-                .all(|xid| !snapshot.is_in_progress(*xid)) =>
-        {
+        Some(pending) if snapshot.xmin > pending.horizon => {
             let below = pending.below;
             *wait = None;
             below
@@ -149,24 +139,17 @@ fn publishable_prefix(
     };
     let mut expected = checkpoint + 1;
     for (index, &position) in positions.iter().enumerate() {
-        let gap = position != expected;
-        if gap && !snapshot.in_progress.is_empty() && position > settled_below {
-            // Keep waiting on the transactions already recorded when they cover this gap:
-            // replacing them with today's in-flight set could wait forever under load.
+        if position != expected && position > settled_below {
+            // Keep the wait already under way when it covers this gap: starting over with
+            // a newer horizon could wait forever under load.
             let covered = wait
                 .as_ref()
                 .is_some_and(|pending| position <= pending.below);
-            if !covered {
-                *wait = Some(GapWait {
-                    in_flight: snapshot.in_progress.clone(),
-                    below: positions.last().copied().unwrap_or(position),
-                });
-            }
-            return index;
+            return (index, (!covered).then(|| positions[positions.len() - 1]));
         }
         expected = position + 1;
     }
-    positions.len()
+    (positions.len(), None)
 }
 
 /// Publishes the event store to JetStream. See the module documentation.
@@ -342,7 +325,18 @@ impl Relay {
             .map(StoredEvent::from_row)
             .collect::<Result<Vec<_>, _>>()?;
         let positions: Vec<i64> = events.iter().map(|event| event.position).collect();
-        let publishable = publishable_prefix(*published, &positions, &snapshot, wait);
+        let (publishable, wait_below) = publishable_prefix(*published, &positions, &snapshot, wait);
+        if let Some(below) = wait_below {
+            // Drawn after the snapshot, so newer than any id a transaction holding a
+            // missing position can have.
+            let horizon: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+                .fetch_one(&self.pool)
+                .await?;
+            let horizon = horizon
+                .parse()
+                .map_err(|_| RelayError::Snapshot(horizon.clone()))?;
+            *wait = Some(GapWait { horizon, below });
+        }
         if publishable == 0 {
             return Ok(Round::Idle {
                 waiting_on_gap: wait.is_some(),
@@ -468,64 +462,52 @@ pub async fn head(pool: &PgPool) -> Result<i64, sqlx::Error> {
 mod tests {
     use super::*;
 
-    fn snapshot(in_progress: &[u64]) -> Snapshot {
-        Snapshot {
-            in_progress: in_progress.to_vec(),
-        }
+    fn snapshot(xmin: u64) -> Snapshot {
+        Snapshot { xmin }
     }
 
     #[test]
     fn snapshots_parse() {
-        assert_eq!(Snapshot::parse("10:20:").unwrap(), snapshot(&[]));
-        assert_eq!(Snapshot::parse("10:20:12,15").unwrap(), snapshot(&[12, 15]));
+        assert_eq!(Snapshot::parse("10:20:").unwrap(), snapshot(10));
+        assert_eq!(Snapshot::parse("10:20:12,15").unwrap(), snapshot(10));
         assert!(Snapshot::parse("garbage").is_err());
+        assert!(Snapshot::parse("10").is_err());
     }
 
     #[test]
     fn a_contiguous_run_is_published_whole() {
         let mut wait = None;
         assert_eq!(
-            publishable_prefix(3, &[4, 5, 6], &snapshot(&[99]), &mut wait),
-            3
+            publishable_prefix(3, &[4, 5, 6], &snapshot(99), &mut wait),
+            (3, None)
         );
         assert_eq!(wait, None);
     }
 
     #[test]
-    fn a_gap_with_nothing_in_flight_is_permanent() {
+    fn a_gap_is_waited_on_even_when_the_snapshot_names_no_transaction() {
+        // Nothing in the in-progress list proves nothing: a running transaction newer
+        // than the newest completed one is not listed.
         let mut wait = None;
         assert_eq!(
-            publishable_prefix(0, &[1, 3, 4], &snapshot(&[]), &mut wait),
-            3
+            publishable_prefix(0, &[1, 3, 4], &snapshot(10), &mut wait),
+            (1, Some(4))
         );
-        assert_eq!(wait, None);
-    }
-
-    #[test]
-    fn a_gap_while_transactions_are_in_flight_waits_for_them() {
-        let mut wait = None;
+        wait = Some(GapWait {
+            horizon: 12,
+            below: 4,
+        });
+        // Transactions up to the horizon may still run: still waiting, no new horizon.
         assert_eq!(
-            publishable_prefix(0, &[1, 3, 4], &snapshot(&[7]), &mut wait),
-            1
-        );
-        assert_eq!(
-            wait,
-            Some(GapWait {
-                in_flight: vec![7],
-                below: 4
-            })
-        );
-        // Still in flight: still waiting.
-        assert_eq!(
-            publishable_prefix(1, &[3, 4], &snapshot(&[7, 9]), &mut wait),
-            0
+            publishable_prefix(1, &[3, 4], &snapshot(12), &mut wait),
+            (0, None)
         );
         assert!(wait.is_some());
-        // Finished without filling the gap (rolled back): the gap below 4 is settled,
-        // even though another transaction (9) is now in flight.
+        // Every transaction up to the horizon has ended without filling the gap (rolled
+        // back): the gap below 4 is settled, whatever runs now.
         assert_eq!(
-            publishable_prefix(1, &[3, 4], &snapshot(&[9]), &mut wait),
-            2
+            publishable_prefix(1, &[3, 4], &snapshot(13), &mut wait),
+            (2, None)
         );
         assert_eq!(wait, None);
     }
@@ -534,13 +516,31 @@ mod tests {
     fn a_late_commit_fills_its_gap_in_order() {
         let mut wait = None;
         assert_eq!(
-            publishable_prefix(0, &[2, 3], &snapshot(&[5]), &mut wait),
-            0
+            publishable_prefix(0, &[2, 3], &snapshot(5), &mut wait),
+            (0, Some(3))
         );
-        // Transaction 5 committed position 1: now everything is contiguous.
+        wait = Some(GapWait {
+            horizon: 8,
+            below: 3,
+        });
+        // The transaction holding position 1 committed: everything is contiguous.
         assert_eq!(
-            publishable_prefix(0, &[1, 2, 3], &snapshot(&[]), &mut wait),
-            3
+            publishable_prefix(0, &[1, 2, 3], &snapshot(6), &mut wait),
+            (3, None)
         );
+    }
+
+    #[test]
+    fn a_new_gap_above_a_settled_one_is_waited_on_afresh() {
+        let mut wait = Some(GapWait {
+            horizon: 8,
+            below: 3,
+        });
+        // 2 was rolled back; 5 is missing above what the old wait covered.
+        assert_eq!(
+            publishable_prefix(1, &[3, 4, 6], &snapshot(9), &mut wait),
+            (2, Some(6))
+        );
+        assert_eq!(wait, None);
     }
 }

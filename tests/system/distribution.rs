@@ -237,6 +237,45 @@ async fn a_late_commit_is_published_in_order_not_skipped() {
     stop.cancel();
 }
 
+/// Postgres lists in a snapshot only the running transactions whose ids are below every
+/// id completed so far plus one: a running transaction with a newer id than the newest
+/// completed one is left out of the list (it counts as running all the same). A
+/// transaction that took its id early but its position late can thus commit a position
+/// above one still held by a transaction the snapshot does not name.
+#[tokio::test]
+async fn a_position_held_by_a_transaction_newer_than_every_completed_one_is_not_skipped() {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let product = create_product(&db, "XID-1").await;
+    let created = restock(&db, product, 1).await;
+    relay_reaches(&db, &stream, created).await;
+
+    // `early` takes its transaction id first and its position last.
+    let mut early = db.pool.begin().await.unwrap();
+    let _: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *early)
+        .await
+        .unwrap();
+    let mut held = db.pool.begin().await.unwrap();
+    let held_position = append_raw_event(&mut held, "held-newer-id", 1, "Held").await;
+    let early_position = append_raw_event(&mut early, "early-id", 1, "Early").await;
+    assert!(early_position > held_position);
+    early.commit().await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        relay::checkpoint(&db.pool, &stream.stream).await.unwrap() < held_position,
+        "the relay passed a position whose transaction is still open"
+    );
+    held.commit().await.unwrap();
+    relay_reaches(&db, &stream, early_position).await;
+    let messages = stream.messages().await;
+    assert_chain(&messages, &committed_positions(&db).await);
+    assert!(messages.iter().any(|m| m.position == held_position));
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_rolled_back_position_is_passed_once_its_transaction_ends() {
     let db = TestDb::new().await;
