@@ -34,7 +34,7 @@ impl Deref for AppState {
 }
 
 /// The services behind [`AppState`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Services {
     pub commands: CommandBus,
     pub pool: PgPool,

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use sqlx::{Connection, PgConnection};
 
 use crate::scenarios::{Figures, Scenario, Settings};
@@ -148,17 +148,13 @@ async fn measure(args: Args) -> Result<()> {
         hindsight,
         work_dir,
     };
-    let chosen = |scenario| args.only.is_empty() || args.only.contains(&scenario);
     let settings = Settings {
-        scenarios: [
-            Scenario::Writes,
-            Scenario::Lag,
-            Scenario::History,
-            Scenario::Reads,
-        ]
-        .into_iter()
-        .filter(|scenario| chosen(*scenario))
-        .collect(),
+        scenarios: Scenario::value_variants()
+            .iter()
+            .copied()
+            .filter(|scenario| args.only.is_empty() || args.only.contains(scenario))
+            .filter(|scenario| *scenario != Scenario::Rebuild || !args.skip_rebuild)
+            .collect(),
         warmup: args.warmup,
         duration: args.duration,
         history_events: args.history_events,
@@ -172,13 +168,13 @@ async fn measure(args: Args) -> Result<()> {
     }
 
     let mut runs: Vec<Figures> = vec![Figures::new(); args.runs];
-    if !settings.scenarios.is_empty() {
+    if settings.scenarios.iter().any(|s| *s != Scenario::Rebuild) {
         for (index, figures) in runs.iter_mut().enumerate() {
             eprintln!("bench: run {} of {}", index + 1, args.runs);
             figures.extend(scenarios::run(&env, &settings, index + 1).await?);
         }
     }
-    if !args.skip_rebuild && chosen(Scenario::Rebuild) {
+    if settings.scenarios.contains(&Scenario::Rebuild) {
         eprintln!(
             "bench: rebuild scenario ({} events)",
             settings.rebuild_events

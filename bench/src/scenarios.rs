@@ -25,7 +25,7 @@ pub type Figures = BTreeMap<String, f64>;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Which of the scenarios that share a server run (the rebuild has its own).
+    /// The scenarios that run.
     pub scenarios: Vec<Scenario>,
     pub warmup: Duration,
     pub duration: Duration,

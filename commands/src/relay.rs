@@ -87,25 +87,21 @@ pub enum RelayError {
     Decode(#[from] EventDecodeError),
     #[error("JetStream is unavailable: {0}")]
     JetStream(String),
-    #[error("the in-progress snapshot `{0}` could not be parsed")]
-    Snapshot(String),
+    #[error("the transaction id `{0}` Postgres gave could not be parsed")]
+    TransactionId(String),
 }
 
-/// What the relay needs of a Postgres snapshot as `pg_current_snapshot()` prints it
-/// (`xmin:xmax:xip,...`): its `xmin`, below which every transaction has ended.
+/// What the relay needs of the snapshot a round read in: its `xmin`, below which every
+/// transaction has ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Snapshot {
     xmin: u64,
 }
 
-impl Snapshot {
-    fn parse(text: &str) -> Result<Self, RelayError> {
-        let bad = || RelayError::Snapshot(text.to_owned());
-        let mut parts = text.split(':');
-        let xmin = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let _xmax = parts.next().ok_or_else(bad)?;
-        Ok(Self { xmin })
-    }
+/// A transaction id (`xid8`) as Postgres prints it.
+fn xid(text: &str) -> Result<u64, RelayError> {
+    text.parse()
+        .map_err(|_| RelayError::TransactionId(text.to_owned()))
 }
 
 /// A gap the relay is waiting on: positions up to `below` that were not visible are
@@ -145,7 +141,7 @@ fn publishable_prefix(
             let covered = wait
                 .as_ref()
                 .is_some_and(|pending| position <= pending.below);
-            return (index, (!covered).then(|| positions[positions.len() - 1]));
+            return (index, positions.last().copied().filter(|_| !covered));
         }
         expected = position + 1;
     }
@@ -305,7 +301,7 @@ impl Relay {
         wait: &mut Option<GapWait>,
     ) -> Result<Round, RelayError> {
         let rows = sqlx::query(&format!(
-            "SELECT s.snapshot, e.* FROM (SELECT pg_current_snapshot()::text AS snapshot) s \
+            "SELECT s.xmin, e.* FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin) s \
              LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 \
                                 ORDER BY position LIMIT $2) e ON true"
         ))
@@ -318,7 +314,9 @@ impl Relay {
                 waiting_on_gap: false,
             });
         };
-        let snapshot = Snapshot::parse(&first.try_get::<String, _>("snapshot")?)?;
+        let snapshot = Snapshot {
+            xmin: xid(&first.try_get::<String, _>("xmin")?)?,
+        };
         let events = rows
             .iter()
             .filter(|row| matches!(row.try_get::<Option<i64>, _>("position"), Ok(Some(_))))
@@ -332,10 +330,10 @@ impl Relay {
             let horizon: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
                 .fetch_one(&self.pool)
                 .await?;
-            let horizon = horizon
-                .parse()
-                .map_err(|_| RelayError::Snapshot(horizon.clone()))?;
-            *wait = Some(GapWait { horizon, below });
+            *wait = Some(GapWait {
+                horizon: xid(&horizon)?,
+                below,
+            });
         }
         if publishable == 0 {
             return Ok(Round::Idle {
@@ -467,11 +465,10 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_parse() {
-        assert_eq!(Snapshot::parse("10:20:").unwrap(), snapshot(10));
-        assert_eq!(Snapshot::parse("10:20:12,15").unwrap(), snapshot(10));
-        assert!(Snapshot::parse("garbage").is_err());
-        assert!(Snapshot::parse("10").is_err());
+    fn transaction_ids_parse() {
+        assert_eq!(xid("10").unwrap(), 10);
+        assert!(xid("garbage").is_err());
+        assert!(xid("-1").is_err());
     }
 
     #[test]

@@ -82,6 +82,16 @@ fn spawn_relay(db: &TestDb, client: async_nats::Client, stream: &TestStream) -> 
     stop
 }
 
+/// A database and a stream of their own with a relay running between them, and one
+/// product created (named by `sku`).
+async fn relayed_product(sku: &str) -> (TestDb, TestStream, CancellationToken, ProductId) {
+    let db = TestDb::new().await;
+    let stream = TestStream::new().await;
+    let stop = spawn_relay(&db, stream.client.clone(), &stream);
+    let product = create_product(&db, sku).await;
+    (db, stream, stop, product)
+}
+
 async fn relay_reaches(db: &TestDb, stream: &TestStream, position: i64) {
     eventually(20, &format!("relay checkpoint {position}"), || async {
         relay::checkpoint(&db.pool, &stream.stream).await.unwrap() >= position
@@ -201,10 +211,7 @@ async fn a_process_whose_relay_is_active_announces_its_appends_to_no_one() {
 
 #[tokio::test]
 async fn a_late_commit_is_published_in_order_not_skipped() {
-    let db = TestDb::new().await;
-    let stream = TestStream::new().await;
-    let stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let product = create_product(&db, "LATE-1").await;
+    let (db, stream, stop, product) = relayed_product("LATE-1").await;
 
     // A transaction takes the next position and stays open while later ones commit.
     let mut late = db.pool.begin().await.unwrap();
@@ -244,10 +251,7 @@ async fn a_late_commit_is_published_in_order_not_skipped() {
 /// above one still held by a transaction the snapshot does not name.
 #[tokio::test]
 async fn a_position_held_by_a_transaction_newer_than_every_completed_one_is_not_skipped() {
-    let db = TestDb::new().await;
-    let stream = TestStream::new().await;
-    let stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let product = create_product(&db, "XID-1").await;
+    let (db, stream, stop, product) = relayed_product("XID-1").await;
     let created = restock(&db, product, 1).await;
     relay_reaches(&db, &stream, created).await;
 
@@ -278,10 +282,7 @@ async fn a_position_held_by_a_transaction_newer_than_every_completed_one_is_not_
 
 #[tokio::test]
 async fn a_rolled_back_position_is_passed_once_its_transaction_ends() {
-    let db = TestDb::new().await;
-    let stream = TestStream::new().await;
-    let stop = spawn_relay(&db, stream.client.clone(), &stream);
-    let product = create_product(&db, "ROLL-1").await;
+    let (db, stream, stop, product) = relayed_product("ROLL-1").await;
 
     let mut doomed = db.pool.begin().await.unwrap();
     let hole = append_raw_event(&mut doomed, "doomed", 1, "Doomed").await;
