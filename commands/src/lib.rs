@@ -22,6 +22,7 @@ pub mod integrity;
 pub mod metadata;
 pub mod relay;
 pub mod store;
+pub mod turns;
 pub mod upcast;
 pub mod wakeup;
 

@@ -15,7 +15,9 @@
 //! `NOTIFY` inside the append. The cache cannot make a write wrong, because an append only
 //! succeeds at the next free sequence: a stale entry loses the append with a conflict, is
 //! dropped and reloaded. A refusal, a no-op or a version mismatch decided on a cached
-//! entry is confirmed against the store's current version before it is answered. Snapshots (in
+//! entry is confirmed against the store's current version before it is answered. Commands
+//! on one aggregate from one process take turns ([`crate::turns`]), so they do not race each
+//! other into conflicts; reads copy the cached entry without taking it. Snapshots (in
 //! postgres-es's table, read by its loader) are written every `snapshot_every` events.
 //!
 //! Two kinds of failure never mix: a [`Refusal`] is a decision ("the command is not
@@ -38,6 +40,7 @@ use uuid::Uuid;
 
 use crate::aggregate::EventSourced;
 use crate::metadata::EventMetadata;
+use crate::turns::Turns;
 use crate::upcast::Upcaster;
 use crate::wakeup::AppendSignal;
 
@@ -187,6 +190,7 @@ pub struct Loaded<A> {
 }
 
 /// An aggregate in hand while a command is decided.
+#[derive(Clone)]
 struct Entry<A> {
     state: A,
     version: u64,
@@ -203,6 +207,7 @@ pub struct AggregateStore<A: domain::Aggregate> {
     settings: StoreSettings,
     appends: AppendSignal,
     cache: Mutex<LruCache<Uuid, Entry<A>>>,
+    turns: Turns,
     _aggregate: PhantomData<A>,
 }
 
@@ -227,6 +232,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             cache: Mutex::new(LruCache::new(settings.cache_capacity.max(1))),
             settings,
             appends,
+            turns: Turns::default(),
             _aggregate: PhantomData,
         }
     }
@@ -248,6 +254,18 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         self.cache().remove(&id).map(|entry| Entry {
             cached: true,
             ..entry
+        })
+    }
+
+    /// A copy of an aggregate's cached entry, left in the cache (for reads, which must
+    /// not make a command that is about to run miss it).
+    fn peek_cached(&self, id: Uuid) -> Option<Entry<A>> {
+        if self.settings.cache_capacity == 0 {
+            return None;
+        }
+        self.cache().peek(&id).map(|entry| Entry {
+            cached: true,
+            ..entry.clone()
         })
     }
 
@@ -306,7 +324,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
 
     /// Loads an aggregate's current state; `None` if it has no events.
     pub async fn load(&self, id: Uuid) -> Result<Option<Loaded<A>>, StoreError> {
-        let entry = match self.take_cached(id) {
+        let entry = match self.peek_cached(id) {
             Some(entry) => self.confirmed(id, entry).await?,
             None => self.load_fresh(id).await?,
         };
@@ -333,6 +351,10 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
+        // Commands on this aggregate from this process go one after another, each on the
+        // entry the one before it left (see `turns`).
+        let ticket = self.turns.ticket(id);
+        let _turn = ticket.wait().await;
         for attempt in 1..=self.settings.max_attempts.max(1) {
             let mut entry = match self.take_cached(id) {
                 Some(entry) => entry,

@@ -399,6 +399,66 @@ async fn concurrent_commands_on_one_aggregate_are_all_applied_once() {
 }
 
 #[tokio::test]
+async fn commands_on_one_aggregate_in_one_process_take_turns_without_conflicts() {
+    // One attempt each: a command that lost a race to another in this process would be
+    // refused for contention. Reads run among them and must not disturb the queue.
+    let db = TestDb::new().await;
+    let commands = Arc::new(db.commands(StoreSettings {
+        max_attempts: 1,
+        ..StoreSettings::default()
+    }));
+    let product = ProductId::new();
+    let id = product.as_uuid();
+    commands
+        .products
+        .execute(
+            id,
+            create_product(product, "SKU-TURNS", 0),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+
+    let writes = join_all((1..=40u32).map(|n| {
+        let commands = Arc::clone(&commands);
+        async move {
+            commands
+                .products
+                .execute(id, restock(n), &metadata(&format!("r{n}")), None)
+                .await
+        }
+    }));
+    let reads = join_all((0..10).map(|_| {
+        let commands = Arc::clone(&commands);
+        async move { commands.products.load(id).await }
+    }));
+    let (written, read) = futures::join!(writes, reads);
+    let mut versions: Vec<u64> = written
+        .into_iter()
+        .map(|result| result.unwrap().expect("no command lost a race").version)
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (2..=41).collect::<Vec<u64>>());
+    for loaded in read {
+        assert!(loaded.unwrap().is_some());
+    }
+
+    let loaded = commands.products.load(id).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 41);
+    assert_eq!(loaded.state.stock_available(), (1..=40u64).sum::<u64>());
+    // No append was refused: a refused one would have used up a position.
+    let (events, highest): (i64, i64) =
+        sqlx::query_as("SELECT count(*), max(position) FROM events")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(events, 41);
+    assert_eq!(highest, 41, "a refused append left a gap in the positions");
+}
+
+#[tokio::test]
 async fn snapshots_bound_what_a_load_replays() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings {
