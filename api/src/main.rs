@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use hindsight_api::config::Cli;
 
+/// jemalloc rather than the C library's allocator: see BENCHMARKS.md ("allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

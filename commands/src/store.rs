@@ -331,12 +331,24 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         if entry.version == 0 {
             return Ok(None);
         }
-        let loaded = Loaded {
-            state: entry.state.clone(),
-            version: entry.version,
+        let version = entry.version;
+        // A copy confirmed current is already in the cache: hand it over without a second
+        // copy (states can be large).
+        let state = if self.is_cached_at(id, version) {
+            entry.state
+        } else {
+            let state = entry.state.clone();
+            self.keep(id, entry);
+            state
         };
-        self.keep(id, entry);
-        Ok(Some(loaded))
+        Ok(Some(Loaded { state, version }))
+    }
+
+    /// Whether the cache holds aggregate `id` at `version` or later.
+    fn is_cached_at(&self, id: Uuid, version: u64) -> bool {
+        self.cache()
+            .peek(&id)
+            .is_some_and(|entry| entry.version >= version)
     }
 
     /// Decides `command` against aggregate `id` and appends its events.
