@@ -47,6 +47,23 @@ async fn registered(commands: &CommandBus, email: &str, request: &str) -> UserId
     user
 }
 
+/// Creates a product through `commands` with `stock` units; answers its id.
+async fn created_product(commands: &CommandBus, sku: &str, stock: u32) -> ProductId {
+    let product = ProductId::new();
+    commands
+        .products
+        .execute(
+            product.as_uuid(),
+            create_product(product, sku, stock),
+            &metadata("c"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    product
+}
+
 fn create_product(product_id: ProductId, sku: &str, stock: u32) -> ProductCommand {
     ProductCommand::Create {
         product_id,
@@ -349,18 +366,7 @@ async fn concurrent_commands_on_one_aggregate_are_all_applied_once() {
         max_attempts: 50,
         ..StoreSettings::default()
     }));
-    let product = ProductId::new();
-    commands
-        .products
-        .execute(
-            product.as_uuid(),
-            create_product(product, "SKU-C", 0),
-            &metadata("c"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let product = created_product(&commands, "SKU-C", 0).await;
 
     let results = join_all((1..=20u32).map(|n| {
         let commands = Arc::clone(&commands);
@@ -407,19 +413,7 @@ async fn commands_on_one_aggregate_in_one_process_take_turns_without_conflicts()
         max_attempts: 1,
         ..StoreSettings::default()
     }));
-    let product = ProductId::new();
-    let id = product.as_uuid();
-    commands
-        .products
-        .execute(
-            id,
-            create_product(product, "SKU-TURNS", 0),
-            &metadata("c"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let id = created_product(&commands, "SKU-TURNS", 0).await.as_uuid();
 
     let writes = join_all((1..=40u32).map(|n| {
         let commands = Arc::clone(&commands);
@@ -465,18 +459,7 @@ async fn snapshots_bound_what_a_load_replays() {
         snapshot_every: 10,
         ..StoreSettings::default()
     });
-    let product = ProductId::new();
-    commands
-        .products
-        .execute(
-            product.as_uuid(),
-            create_product(product, "SKU-S", 0),
-            &metadata("c"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let product = created_product(&commands, "SKU-S", 0).await;
     for n in 0..34 {
         commands
             .products
@@ -625,18 +608,7 @@ async fn a_stale_aggregate_cache_never_decides_wrongly() {
     let db = TestDb::new().await;
     let a = db.commands(StoreSettings::default());
     let b = db.commands(StoreSettings::default());
-    let product = ProductId::new();
-    let id = product.as_uuid();
-    a.products
-        .execute(
-            id,
-            create_product(product, "SKU-STALE", 0),
-            &metadata("c"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let id = created_product(&a, "SKU-STALE", 0).await.as_uuid();
     // B restocks behind A's back: A's cached copy still says "no stock".
     b.products
         .execute(id, restock(5), &metadata("b1"), None)
@@ -716,19 +688,7 @@ async fn commands_without_the_aggregate_cache_behave_the_same() {
         snapshot_every: 3,
         ..StoreSettings::default()
     });
-    let product = ProductId::new();
-    let id = product.as_uuid();
-    commands
-        .products
-        .execute(
-            id,
-            create_product(product, "SKU-NOCACHE", 1),
-            &metadata("c"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let id = created_product(&commands, "SKU-NOCACHE", 1).await.as_uuid();
     for n in 0..7 {
         commands
             .products
