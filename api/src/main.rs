@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use hindsight_api::config::Cli;
 
-/// jemalloc rather than the C library's allocator: see BENCHMARKS.md ("allocator").
+/// jemalloc rather than the C library's allocator, which took about a fifth of the server's
+/// CPU under write load (measurements in BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
