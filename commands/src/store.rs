@@ -189,6 +189,13 @@ pub struct Loaded<A> {
     pub version: u64,
 }
 
+/// Whether `cache` holds aggregate `id` at `version` or later.
+fn holds<A>(cache: &LruCache<Uuid, Entry<A>>, id: Uuid, version: u64) -> bool {
+    cache
+        .peek(&id)
+        .is_some_and(|entry| entry.version >= version)
+}
+
 /// An aggregate in hand while a command is decided.
 #[derive(Clone)]
 struct Entry<A> {
@@ -246,11 +253,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     }
 
     /// Takes an aggregate out of the cache (so no other command decides on the same
-    /// entry); a command that finds none loads from the store.
+    /// entry); a command that finds none loads from the store. With the cache turned off
+    /// nothing is ever kept, so nothing is found.
     fn take_cached(&self, id: Uuid) -> Option<Entry<A>> {
-        if self.settings.cache_capacity == 0 {
-            return None;
-        }
         self.cache().remove(&id).map(|entry| Entry {
             cached: true,
             ..entry
@@ -260,9 +265,6 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     /// A copy of an aggregate's cached entry, left in the cache (for reads, which must
     /// not make a command that is about to run miss it).
     fn peek_cached(&self, id: Uuid) -> Option<Entry<A>> {
-        if self.settings.cache_capacity == 0 {
-            return None;
-        }
         self.cache().peek(&id).map(|entry| Entry {
             cached: true,
             ..entry.clone()
@@ -275,13 +277,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             return;
         }
         let mut cache = self.cache();
-        if cache
-            .peek(&id)
-            .is_some_and(|current| current.version >= entry.version)
-        {
-            return;
+        if !holds(&cache, id, entry.version) {
+            cache.insert(id, entry);
         }
-        cache.insert(id, entry);
     }
 
     /// Reads an aggregate from the store: its snapshot plus the events after it.
@@ -334,7 +332,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         let version = entry.version;
         // A copy confirmed current is already in the cache: hand it over without a second
         // copy (states can be large).
-        let state = if self.is_cached_at(id, version) {
+        let state = if holds(&self.cache(), id, version) {
             entry.state
         } else {
             let state = entry.state.clone();
@@ -342,13 +340,6 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             state
         };
         Ok(Some(Loaded { state, version }))
-    }
-
-    /// Whether the cache holds aggregate `id` at `version` or later.
-    fn is_cached_at(&self, id: Uuid, version: u64) -> bool {
-        self.cache()
-            .peek(&id)
-            .is_some_and(|entry| entry.version >= version)
     }
 
     /// Decides `command` against aggregate `id` and appends its events.

@@ -56,7 +56,8 @@ impl Turns {
     }
 
     /// Aggregates with a command holding or awaiting its turn.
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
         self.queues().len()
     }
 }
