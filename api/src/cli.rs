@@ -82,7 +82,7 @@ pub async fn create_user(args: UserCreateArgs) -> anyhow::Result<()> {
     };
     let executed = commands
         .users
-        .execute(user_id.as_uuid(), command, &metadata, None)
+        .execute_new(user_id.as_uuid(), command, &metadata)
         .await
         .context("storing the user")?;
     pool.close().await;

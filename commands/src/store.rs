@@ -8,7 +8,7 @@
 //! and deciding again, a bounded number of times; with an expected version (`If-Match`)
 //! a conflict is a version mismatch instead.
 //!
-//! The hot path costs one round trip (docs/adr/0003-write-path.md): recently used
+//! The hot path costs one round trip (docs/adr/0003-one-round-trip-write-path.md): recently used
 //! aggregates stay in a bounded in-process cache at the version they were loaded or
 //! written at, and the events are appended by one autocommitted statement that answers
 //! their positions; the relay is then woken by an in-process signal (`wakeup`), not by a
@@ -354,6 +354,33 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
+        self.run(id, command, metadata, expected_version, false)
+            .await
+    }
+
+    /// Decides `command` against aggregate `id`, an id the caller minted just now (a
+    /// random UUID no aggregate has), without reading the store first: the command is
+    /// decided on the empty state, whose append can only succeed at sequence 1. Should
+    /// the id hold events after all, that append conflicts and the command is decided
+    /// again on the aggregate as loaded, as [`execute`](Self::execute) would have; a
+    /// refusal or no-op on the empty state is confirmed against the store likewise.
+    pub async fn execute_new(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &EventMetadata,
+    ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
+        self.run(id, command, metadata, None, true).await
+    }
+
+    async fn run(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &EventMetadata,
+        expected_version: Option<u64>,
+        minted: bool,
+    ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
         // Commands on this aggregate from this process go one after another, each on the
         // entry the one before it left (see `turns`).
         let ticket = self.turns.ticket(id);
@@ -361,6 +388,14 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         for attempt in 1..=self.settings.max_attempts.max(1) {
             let mut entry = match self.take_cached(id) {
                 Some(entry) => entry,
+                // Presumed, so it is treated as a cached entry: only a successful append
+                // proves it current.
+                None if minted && attempt == 1 => Entry {
+                    state: A::default(),
+                    version: 0,
+                    position: None,
+                    cached: true,
+                },
                 None => self.load_fresh(id).await?,
             };
             if let Some(expected) = expected_version {

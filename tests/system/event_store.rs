@@ -681,6 +681,65 @@ async fn a_stale_aggregate_cache_never_decides_wrongly() {
 }
 
 #[tokio::test]
+async fn a_command_on_a_minted_id_that_holds_events_is_decided_on_the_stored_aggregate() {
+    // `execute_new` skips the load for an id its caller just minted. Should the id hold
+    // events after all (here: another process created the product), nothing may be
+    // decided on the presumed-empty state: not a second creation, not a refusal.
+    let db = TestDb::new().await;
+    let elsewhere = db.commands(StoreSettings::default());
+    let here = db.commands(StoreSettings::default());
+    let product = created_product(&elsewhere, "SKU-MINTED", 2).await;
+    let id = product.as_uuid();
+
+    let again = here
+        .products
+        .execute_new(id, create_product(product, "SKU-OTHER", 9), &metadata("n1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Err(Refusal::Rule(ProductError::ProductAlreadyExists)),
+        "the append at sequence 1 conflicts, and the reloaded product refuses"
+    );
+    // Refused on the empty state (no such product), confirmed against the store, and
+    // decided again on the product as stored.
+    let restocked = here
+        .products
+        .execute_new(id, restock(3), &metadata("n2"))
+        .await
+        .unwrap()
+        .expect("the stored product takes the restock");
+    assert_eq!((restocked.version, restocked.appended), (2, 1));
+
+    let fresh = ProductId::new();
+    let created = here
+        .products
+        .execute_new(
+            fresh.as_uuid(),
+            create_product(fresh, "SKU-FRESH", 1),
+            &metadata("n3"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((created.version, created.appended), (1, 1));
+
+    let loaded = here.products.load(id).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.state.stock_available()), (2, 5));
+    assert_eq!(
+        loaded.state.sku().map(|sku| sku.as_str()),
+        Some("SKU-MINTED")
+    );
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(id.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, vec![1, 2]);
+}
+
+#[tokio::test]
 async fn commands_without_the_aggregate_cache_behave_the_same() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings {

@@ -132,7 +132,7 @@ async fn register(
     let executed = state
         .commands
         .users
-        .execute(
+        .execute_new(
             user_id.as_uuid(),
             UserCommand::Register {
                 user_id,
@@ -142,7 +142,6 @@ async fn register(
                 role: Role::Customer,
             },
             &metadata(Actor::anonymous(), &request_id),
-            None,
         )
         .await??;
     let user = user_view_from_store(&state, user_id.as_uuid()).await?;

@@ -131,7 +131,7 @@ async fn place(
     let executed = state
         .commands
         .orders
-        .execute(
+        .execute_new(
             order_id.as_uuid(),
             OrderCommand::Place {
                 order_id,
@@ -139,7 +139,6 @@ async fn place(
                 lines,
             },
             &metadata(actor(&user), &request_id),
-            None,
         )
         .await??;
     let body = serde_json::to_value(OrderPlaced {

@@ -188,7 +188,7 @@ async fn create(
     let executed = state
         .commands
         .products
-        .execute(
+        .execute_new(
             product_id.as_uuid(),
             ProductCommand::Create {
                 product_id,
@@ -199,7 +199,6 @@ async fn create(
                 stock,
             },
             &metadata(actor(&user), &request_id),
-            None,
         )
         .await??;
     let body = serde_json::to_value(ProductCreated {
