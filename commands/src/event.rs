@@ -249,11 +249,13 @@ pub async fn read_events_on(
             break;
         }
         let next: Option<i64> = sqlx::query_scalar(
-            "SELECT min(position) FROM events WHERE position > $1 AND position <= $2",
+            // Not `min(position)`: see `store::CURRENT_VERSION` on generic plans.
+            "SELECT position FROM events WHERE position > $1 AND position <= $2 \
+             ORDER BY position LIMIT 1",
         )
         .bind(to)
         .bind(up_to)
-        .fetch_one(&mut *connection)
+        .fetch_optional(&mut *connection)
         .await?;
         match next {
             Some(next) => from = next - 1,

@@ -739,6 +739,68 @@ async fn a_command_on_a_minted_id_that_holds_events_is_decided_on_the_stored_agg
     assert_eq!(sequences, vec![1, 2]);
 }
 
+/// The most rows any scan node of an `EXPLAIN (ANALYZE, FORMAT JSON)` plan produced.
+fn widest_scan(plan: &serde_json::Value) -> u64 {
+    let own = match plan["Node Type"].as_str() {
+        Some(node) if node.contains("Scan") => plan["Actual Rows"].as_u64().unwrap(),
+        _ => 0,
+    };
+    let children = plan["Plans"].as_array().into_iter().flatten();
+    children.map(widest_scan).fold(own, u64::max)
+}
+
+#[tokio::test]
+async fn confirming_a_cached_aggregate_reads_one_index_entry_whatever_its_history() {
+    // Confirming a cached copy asks the store for the aggregate's current version. sqlx
+    // prepares the statement, and after a few executions Postgres may plan it generically;
+    // `max(sequence)` was then an aggregate over every entry of the stream. The plan is
+    // forced generic here, as a long-running server's would be.
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let id = created_product(&commands, "SKU-LONG", 0).await.as_uuid();
+    for n in 0..60 {
+        commands
+            .products
+            .execute(id, restock(1), &metadata(&format!("l{n}")), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut connection = db.pool.acquire().await.unwrap();
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "PREPARE current_version(text, text) AS {}",
+        hindsight_commands::store::CURRENT_VERSION
+    ))
+    .execute(&mut *connection)
+    .await
+    .unwrap();
+    let explained: serde_json::Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE current_version('product', '{id}')"
+    ))
+    .fetch_one(&mut *connection)
+    .await
+    .unwrap();
+    let plan = &explained[0]["Plan"];
+    assert_eq!(
+        widest_scan(plan),
+        1,
+        "one index entry, not the stream: {plan}"
+    );
+    let version: i64 = sqlx::query_scalar(&format!("EXECUTE current_version('product', '{id}')"))
+        .fetch_one(&mut *connection)
+        .await
+        .unwrap();
+    assert_eq!(version, 61);
+    sqlx::raw_sql("DEALLOCATE current_version; RESET plan_cache_mode")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn commands_without_the_aggregate_cache_behave_the_same() {
     let db = TestDb::new().await;
