@@ -474,40 +474,57 @@ async fn history(settings: &Settings, fixture: &Fixture, figures: &mut Figures) 
     put(figures, "s2.long_events", events as f64);
     wait_idle(&fixture.pool).await?;
 
-    // One client, alternating, so both see the same machine at the same moments.
-    let (api, admin) = (fixture.api.clone(), fixture.admin.clone());
-    let long_sample = Arc::new(Mutex::new(Vec::new()));
-    let short_sample = Arc::new(Mutex::new(Vec::new()));
-    let (l, s) = (Arc::clone(&long_sample), Arc::clone(&short_sample));
-    let both = closed_loop(1, settings.warmup, settings.duration, move |_, i| {
-        let (api, admin) = (api.clone(), admin.clone());
-        let (l, s) = (Arc::clone(&l), Arc::clone(&s));
+    // One client, taking turns, so every kind sees the same machine at the same moments:
+    // a restock of each product, and an order of each (placing one reads its product
+    // first; with no stock the order process rejects it, so the product's history stays).
+    let kinds = [
+        ("restock", "long"),
+        ("restock", "short"),
+        ("order", "long"),
+        ("order", "short"),
+    ];
+    let samples: Arc<Vec<Mutex<Vec<u32>>>> =
+        Arc::new(kinds.iter().map(|_| Mutex::new(Vec::new())).collect());
+    let (api, admin, customer) = (
+        fixture.api.clone(),
+        fixture.admin.clone(),
+        fixture.customers[0].clone(),
+    );
+    let into = Arc::clone(&samples);
+    let all = closed_loop(1, settings.warmup, settings.duration, move |_, i| {
+        let (api, admin, customer) = (api.clone(), admin.clone(), customer.clone());
+        let into = Arc::clone(&into);
         async move {
-            let (product, into) = if i % 2 == 0 { (long, l) } else { (short, s) };
+            let kind = i as usize % kinds.len();
+            let (command, history) = kinds[kind];
+            let product = if history == "long" { long } else { short };
             let sent = Instant::now();
-            let outcome = api.restock(&admin, product, 1).await;
-            if let Ok(mut into) = into.lock() {
-                into.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
+            let outcome = match command {
+                "restock" => api.restock(&admin, product, 1).await,
+                _ => api.place_order(&customer, product, 1).await,
+            };
+            if let Ok(mut list) = into[kind].lock() {
+                list.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
             }
             outcome
         }
     })
     .await;
-    if both.failed > 0 {
-        bail!("history commands failed: {:?}", both.first_failure);
+    if all.failed > 0 {
+        bail!("history commands failed: {:?}", all.first_failure);
     }
     // The warm-up's requests are in the lists too; drop as many as were not measured.
-    for (name, list) in [("long", &long_sample), ("short", &short_sample)] {
+    for ((command, history), list) in kinds.iter().zip(samples.iter()) {
         let mut values = list.lock().map(|v| v.clone()).unwrap_or_default();
-        let skip = values.len().saturating_sub(both.count() / 2);
+        let skip = values.len().saturating_sub(all.count() / kinds.len());
         values.drain(..skip);
         values.sort_unstable();
         let p50 = quantile(&values, 0.50) as f64 / 1000.0;
         let p99 = quantile(&values, 0.99) as f64 / 1000.0;
-        put(figures, format!("s2.{name}.p50"), p50);
-        put(figures, format!("s2.{name}.p99"), p99);
+        put(figures, format!("s2.{command}.{history}.p50"), p50);
+        put(figures, format!("s2.{command}.{history}.p99"), p99);
         log(format!(
-            "history {name}: p50 {p50:.2} ms, p99 {p99:.2} ms over {}",
+            "history {command} {history}: p50 {p50:.2} ms, p99 {p99:.2} ms over {}",
             values.len()
         ));
     }
