@@ -64,6 +64,18 @@ async fn created_product(commands: &CommandBus, sku: &str, stock: u32) -> Produc
     product
 }
 
+/// Restocks product `id` by `quantity`, `times` times, one command after another.
+async fn restock_times(commands: &CommandBus, id: uuid::Uuid, quantity: u32, times: usize) {
+    for n in 0..times {
+        commands
+            .products
+            .execute(id, restock(quantity), &metadata(&format!("r{n}")), None)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 fn create_product(product_id: ProductId, sku: &str, stock: u32) -> ProductCommand {
     ProductCommand::Create {
         product_id,
@@ -460,19 +472,7 @@ async fn snapshots_bound_what_a_load_replays() {
         ..StoreSettings::default()
     });
     let product = created_product(&commands, "SKU-S", 0).await;
-    for n in 0..34 {
-        commands
-            .products
-            .execute(
-                product.as_uuid(),
-                restock(2),
-                &metadata(&format!("r{n}")),
-                None,
-            )
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    restock_times(&commands, product.as_uuid(), 2, 34).await;
     let last_sequence: i64 = sqlx::query_scalar(
         "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'product' AND aggregate_id = $1",
     )
@@ -758,14 +758,7 @@ async fn confirming_a_cached_aggregate_reads_one_index_entry_whatever_its_histor
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
     let id = created_product(&commands, "SKU-LONG", 0).await.as_uuid();
-    for n in 0..60 {
-        commands
-            .products
-            .execute(id, restock(1), &metadata(&format!("l{n}")), None)
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    restock_times(&commands, id, 1, 60).await;
     let mut connection = db.pool.acquire().await.unwrap();
     sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
         .execute(&mut *connection)
@@ -810,14 +803,7 @@ async fn commands_without_the_aggregate_cache_behave_the_same() {
         ..StoreSettings::default()
     });
     let id = created_product(&commands, "SKU-NOCACHE", 1).await.as_uuid();
-    for n in 0..7 {
-        commands
-            .products
-            .execute(id, restock(1), &metadata(&format!("r{n}")), None)
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    restock_times(&commands, id, 1, 7).await;
     let loaded = commands.products.load(id).await.unwrap().unwrap();
     assert_eq!((loaded.version, loaded.state.stock_available()), (8, 8));
     let snapshots: Vec<i64> = sqlx::query_scalar(
