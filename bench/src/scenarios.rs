@@ -478,10 +478,10 @@ async fn history(settings: &Settings, fixture: &Fixture, figures: &mut Figures) 
     // a restock of each product, and an order of each (placing one reads its product
     // first; with no stock the order process rejects it, so the product's history stays).
     let kinds = [
-        ("restock", "long"),
-        ("restock", "short"),
-        ("order", "long"),
-        ("order", "short"),
+        ("restock", "long", long),
+        ("restock", "short", short),
+        ("order", "long", long),
+        ("order", "short", short),
     ];
     let samples: Arc<Vec<Mutex<Vec<u32>>>> =
         Arc::new(kinds.iter().map(|_| Mutex::new(Vec::new())).collect());
@@ -496,12 +496,12 @@ async fn history(settings: &Settings, fixture: &Fixture, figures: &mut Figures) 
         let into = Arc::clone(&into);
         async move {
             let kind = i as usize % kinds.len();
-            let (command, history) = kinds[kind];
-            let product = if history == "long" { long } else { short };
+            let (command, _, product) = kinds[kind];
             let sent = Instant::now();
-            let outcome = match command {
-                "restock" => api.restock(&admin, product, 1).await,
-                _ => api.place_order(&customer, product, 1).await,
+            let outcome = if command == "restock" {
+                api.restock(&admin, product, 1).await
+            } else {
+                api.place_order(&customer, product, 1).await
             };
             if let Ok(mut list) = into[kind].lock() {
                 list.push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX));
@@ -514,7 +514,7 @@ async fn history(settings: &Settings, fixture: &Fixture, figures: &mut Figures) 
         bail!("history commands failed: {:?}", all.first_failure);
     }
     // The warm-up's requests are in the lists too; drop as many as were not measured.
-    for ((command, history), list) in kinds.iter().zip(samples.iter()) {
+    for ((command, history, _), list) in kinds.iter().zip(samples.iter()) {
         let mut values = list.lock().map(|v| v.clone()).unwrap_or_default();
         let skip = values.len().saturating_sub(all.count() / kinds.len());
         values.drain(..skip);

@@ -8,17 +8,19 @@
 //! and deciding again, a bounded number of times; with an expected version (`If-Match`)
 //! a conflict is a version mismatch instead.
 //!
-//! The hot path costs one round trip (docs/adr/0003-one-round-trip-write-path.md): recently used
-//! aggregates stay in a bounded in-process cache at the version they were loaded or
-//! written at, and the events are appended by one autocommitted statement that answers
-//! their positions; the relay is then woken by an in-process signal (`wakeup`), not by a
-//! `NOTIFY` inside the append. The cache cannot make a write wrong, because an append only
-//! succeeds at the next free sequence: a stale entry loses the append with a conflict, is
-//! dropped and reloaded. A refusal, a no-op or a version mismatch decided on a cached
-//! entry is confirmed against the store's current version before it is answered. Commands
-//! on one aggregate from one process take turns ([`crate::turns`]), so they do not race each
-//! other into conflicts; reads copy the cached entry without taking it. Snapshots (in
-//! postgres-es's table, read by its loader) are written every `snapshot_every` events.
+//! The hot path costs one round trip (docs/adr/0003-one-round-trip-write-path.md):
+//! recently used aggregates stay in a bounded in-process cache at the version they were
+//! loaded or written at, and the events are appended by one autocommitted statement that
+//! answers their positions; the relay is then woken by an in-process signal (`wakeup`),
+//! not by a `NOTIFY` inside the append. The cache cannot make a write wrong, because an
+//! append only succeeds at the next free sequence: a stale entry loses the append with a
+//! conflict, is dropped and reloaded. A refusal, a no-op or a version mismatch decided on
+//! a cached entry is confirmed against the store's current version before it is answered.
+//! A command on an id its caller just minted ([`AggregateStore::execute_new`]) is decided
+//! on the empty state without a read, under the same rule. Commands on one aggregate from
+//! one process take turns ([`crate::turns`]), so they do not race each other into
+//! conflicts; reads copy the cached entry without taking it. Snapshots (in postgres-es's
+//! table, read by its loader) are written every `snapshot_every` events.
 //!
 //! Two kinds of failure never mix: a [`Refusal`] is a decision ("the command is not
 //! allowed"), a [`StoreError`] means the infrastructure failed. [`AggregateStore::execute`]
@@ -215,6 +217,15 @@ struct Entry<A> {
     cached: bool,
 }
 
+/// What a command is first decided on when the cache holds no entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The aggregate as stored.
+    Stored,
+    /// The empty state, for an id minted just now (see `execute_new`).
+    Empty,
+}
+
 /// The write path of one aggregate type.
 pub struct AggregateStore<A: domain::Aggregate> {
     store: PersistedEventStore<PostgresEventRepository, EventSourced<A>>,
@@ -360,7 +371,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
-        self.run(id, command, metadata, expected_version, false)
+        self.run(id, command, metadata, expected_version, Start::Stored)
             .await
     }
 
@@ -376,7 +387,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
-        self.run(id, command, metadata, None, true).await
+        self.run(id, command, metadata, None, Start::Empty).await
     }
 
     async fn run(
@@ -385,7 +396,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
         expected_version: Option<u64>,
-        minted: bool,
+        start: Start,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
         // Commands on this aggregate from this process go one after another, each on the
         // entry the one before it left (see `turns`).
@@ -396,7 +407,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                 Some(entry) => entry,
                 // Presumed, so it is treated as a cached entry: only a successful append
                 // proves it current.
-                None if minted && attempt == 1 => Entry {
+                None if start == Start::Empty && attempt == 1 => Entry {
                     state: A::default(),
                     version: 0,
                     position: None,
