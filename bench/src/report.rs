@@ -130,6 +130,20 @@ pub fn rows() -> Vec<Row> {
             );
         }
     }
+    for clients in [8, 32] {
+        rows.push(
+            Row::new(
+                "1 writes",
+                format!("orders decided by the order process, {clients} clients: rate"),
+                format!("s1.decided.{clients}.rate"),
+                "orders/s",
+            )
+            .baseline(
+                format!("place order, {clients} clients: rate"),
+                format!("s1.order.{clients}.rate"),
+            ),
+        );
+    }
     for (command, label) in [("restock", "restock"), ("order", "place order")] {
         rows.push(
             Row::new(

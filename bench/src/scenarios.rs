@@ -284,6 +284,12 @@ async fn writes(
             Arc::clone(&fixture.customers),
             Arc::clone(&fixture.products),
         );
+        // The order process decides each placement afterwards, one order at a time; how
+        // fast it does (until it has caught up) is measured from the same start.
+        let before: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
+            .fetch_one(&fixture.pool)
+            .await?;
+        let started = Instant::now();
         let orders = closed_loop(
             clients,
             settings.warmup,
@@ -298,6 +304,22 @@ async fn writes(
         .await;
         put_sample(figures, &format!("s1.order.{clients}"), &orders);
         wait_idle(&fixture.pool).await?;
+        let decided: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE position > $1 AND aggregate_type = 'order' \
+             AND event_type IN ('OrderConfirmed', 'OrderRejected')",
+        )
+        .bind(before)
+        .fetch_one(&fixture.pool)
+        .await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        put(
+            figures,
+            format!("s1.decided.{clients}.rate"),
+            decided as f64 / elapsed,
+        );
+        log(format!(
+            "order process: {decided} orders decided in {elapsed:.1} s after the placements began"
+        ));
     }
     Ok(())
 }
