@@ -76,6 +76,15 @@ async fn restock_times(commands: &CommandBus, id: uuid::Uuid, quantity: u32, tim
     }
 }
 
+/// The sequences stored for aggregate `id`, in order.
+async fn sequences_of(db: &TestDb, id: uuid::Uuid) -> Vec<i64> {
+    sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(id.to_string())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
 fn create_product(product_id: ProductId, sku: &str, stock: u32) -> ProductCommand {
     ProductCommand::Create {
         product_id,
@@ -407,12 +416,7 @@ async fn concurrent_commands_on_one_aggregate_are_all_applied_once() {
         .unwrap();
     assert_eq!(loaded.version, 21);
     assert_eq!(loaded.state.stock_available(), (1..=20u64).sum::<u64>());
-    let sequences: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
-            .bind(product.to_string())
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let sequences = sequences_of(&db, product.as_uuid()).await;
     assert_eq!(sequences, (1..=21).collect::<Vec<i64>>());
 }
 
@@ -664,12 +668,7 @@ async fn a_stale_aggregate_cache_never_decides_wrongly() {
         assert_eq!(loaded.version, 5);
         assert_eq!(loaded.state.stock_available(), 5 - 3 + 1 + 1);
     }
-    let sequences: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
-            .bind(id.to_string())
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let sequences = sequences_of(&db, id).await;
     assert_eq!(sequences, (1..=5).collect::<Vec<i64>>());
     let positions: Vec<i64> =
         sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = $1 ORDER BY sequence")
@@ -730,12 +729,7 @@ async fn a_command_on_a_minted_id_that_holds_events_is_decided_on_the_stored_agg
         loaded.state.sku().map(|sku| sku.as_str()),
         Some("SKU-MINTED")
     );
-    let sequences: Vec<i64> =
-        sqlx::query_scalar("SELECT sequence FROM events WHERE aggregate_id = $1 ORDER BY sequence")
-            .bind(id.to_string())
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let sequences = sequences_of(&db, id).await;
     assert_eq!(sequences, vec![1, 2]);
 }
 
