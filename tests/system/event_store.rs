@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use futures::future::join_all;
-use hindsight_commands::{Actor, CommandBus, EventMetadata, Refusal, StoreSettings, UniqueKey};
+use hindsight_commands::{
+    Actor, CommandBus, EventMetadata, Executed, Refusal, StoreError, StoreSettings, UniqueKey,
+};
 use hindsight_domain::ids::{ProductId, UserId};
 use hindsight_domain::product::{ProductCommand, ProductError};
 use hindsight_domain::role::Role;
@@ -74,6 +76,24 @@ async fn restock_times(commands: &CommandBus, id: uuid::Uuid, quantity: u32, tim
             .unwrap()
             .unwrap();
     }
+}
+
+/// Restocks product `id` by 1, 2, … `count` units, all at once; answers each outcome.
+async fn concurrent_restocks(
+    commands: &Arc<CommandBus>,
+    id: uuid::Uuid,
+    count: u32,
+) -> Vec<Result<Result<Executed, Refusal<ProductError>>, StoreError>> {
+    join_all((1..=count).map(|n| {
+        let commands = Arc::clone(commands);
+        async move {
+            commands
+                .products
+                .execute(id, restock(n), &metadata(&format!("r{n}")), None)
+                .await
+        }
+    }))
+    .await
 }
 
 /// The sequences stored for aggregate `id`, in order.
@@ -389,21 +409,7 @@ async fn concurrent_commands_on_one_aggregate_are_all_applied_once() {
     }));
     let product = created_product(&commands, "SKU-C", 0).await;
 
-    let results = join_all((1..=20u32).map(|n| {
-        let commands = Arc::clone(&commands);
-        async move {
-            commands
-                .products
-                .execute(
-                    product.as_uuid(),
-                    restock(n),
-                    &metadata(&format!("r{n}")),
-                    None,
-                )
-                .await
-        }
-    }))
-    .await;
+    let results = concurrent_restocks(&commands, product.as_uuid(), 20).await;
     for result in results {
         result.unwrap().unwrap();
     }
@@ -431,15 +437,7 @@ async fn commands_on_one_aggregate_in_one_process_take_turns_without_conflicts()
     }));
     let id = created_product(&commands, "SKU-TURNS", 0).await.as_uuid();
 
-    let writes = join_all((1..=40u32).map(|n| {
-        let commands = Arc::clone(&commands);
-        async move {
-            commands
-                .products
-                .execute(id, restock(n), &metadata(&format!("r{n}")), None)
-                .await
-        }
-    }));
+    let writes = concurrent_restocks(&commands, id, 40);
     let reads = join_all((0..10).map(|_| {
         let commands = Arc::clone(&commands);
         async move { commands.products.load(id).await }
