@@ -5,7 +5,8 @@
 //! is claimed in the same transaction as the creating event (see `migrations/`).
 //!
 //! [`aggregate`] adapts the domain aggregates to cqrs-es, [`db`] connects and migrates,
-//! and [`CommandBus`] bundles one [`store::AggregateStore`] per aggregate type.
+//! and [`CommandBus`] bundles one [`store::AggregateStore`] per aggregate type;
+//! [`batch`] decides commands on several aggregates in order and appends them together.
 //! [`history`] reads the stored history back for auditors and exports.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use sqlx::PgPool;
 use wakeup::AppendSignal;
 
 pub mod aggregate;
+pub mod batch;
 pub mod db;
 pub mod event;
 pub mod history;
@@ -38,6 +40,8 @@ pub struct CommandBus {
     pub orders: Arc<AggregateStore<Order>>,
     pool: PgPool,
     appends: AppendSignal,
+    /// Held by the one [`batch::Batch`] that may run at a time.
+    batching: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl CommandBus {
@@ -49,6 +53,7 @@ impl CommandBus {
             orders: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
             pool,
             appends,
+            batching: Arc::default(),
         }
     }
 

@@ -41,8 +41,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::aggregate::EventSourced;
+use crate::batch::Row;
 use crate::metadata::EventMetadata;
-use crate::turns::Turns;
+use crate::turns::{Turn, Turns};
 use crate::upcast::Upcaster;
 use crate::wakeup::AppendSignal;
 
@@ -217,6 +218,26 @@ struct Entry<A> {
     cached: bool,
 }
 
+/// An aggregate a [`Batch`](crate::batch::Batch) decides on: its turn, held until the
+/// batch has appended, and its entry with the batch's events so far applied.
+pub(crate) struct Held<'a, A> {
+    entry: Entry<A>,
+    /// The version the batch found (or presumed); its first event is appended after it.
+    base: u64,
+    _turn: Turn<'a>,
+}
+
+impl<A> Held<'_, A> {
+    pub(crate) fn state(&self) -> Option<&A> {
+        (self.entry.version > 0).then_some(&self.entry.state)
+    }
+
+    /// Taken from the cache or presumed, and neither confirmed since nor appended to.
+    fn unproven(&self) -> bool {
+        self.entry.cached && self.entry.version == self.base
+    }
+}
+
 /// What a command is first decided on when the cache holds no entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Start {
@@ -261,6 +282,11 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             turns: Turns::default(),
             _aggregate: PhantomData,
         }
+    }
+
+    /// The settings this store was built with.
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
     }
 
     /// The cache, locked. Its entries stay consistent even if a holder panicked (every
@@ -497,6 +523,101 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             }
         }
         Ok(Err(Refusal::Contention))
+    }
+
+    /// Takes aggregate `id`'s turn for a batch and the entry to decide on: the cached
+    /// one, else `presumed` (a state at a version the caller has reason to believe
+    /// current), else the aggregate as stored. A cached or presumed entry is unproven
+    /// until the batch appends to it or [`confirm_held`](Self::confirm_held) reads its
+    /// version.
+    pub(crate) async fn hold(
+        &self,
+        id: Uuid,
+        presumed: Option<(A, u64)>,
+    ) -> Result<Held<'_, A>, StoreError> {
+        let turn = self.turns.take(id).await;
+        let entry = match (self.take_cached(id), presumed) {
+            (Some(entry), _) => entry,
+            (None, Some((state, version))) => Entry {
+                state,
+                version,
+                position: None,
+                cached: true,
+            },
+            (None, None) => self.load_fresh(id).await?,
+        };
+        Ok(Held {
+            base: entry.version,
+            entry,
+            _turn: turn,
+        })
+    }
+
+    /// Makes an unproven held entry current: kept if the store holds no later event,
+    /// else read afresh. An entry the batch has appended to is proven by that append.
+    pub(crate) async fn confirm_held(
+        &self,
+        id: Uuid,
+        held: &mut Held<'_, A>,
+    ) -> Result<(), StoreError> {
+        if !held.unproven() {
+            return Ok(());
+        }
+        if self.current_version(id).await? == held.entry.version {
+            held.entry.cached = false;
+        } else {
+            held.entry = self.load_fresh(id).await?;
+            held.base = held.entry.version;
+        }
+        Ok(())
+    }
+
+    /// Decides `command` on a held entry and stages its events as `rows`, applied to
+    /// the entry so the batch's next command sees them. As in [`execute`](Self::execute),
+    /// a refusal or no-op decided on an unproven entry is confirmed first.
+    pub(crate) async fn stage(
+        &self,
+        id: Uuid,
+        held: &mut Held<'_, A>,
+        command: A::Command,
+        metadata: &serde_json::Value,
+        rows: &mut Vec<Row>,
+    ) -> Result<Result<(), Refusal<A::Error>>, StoreError> {
+        let mut decision = held.entry.state.handle(command.clone());
+        if held.unproven() && !matches!(&decision, Ok(events) if !events.is_empty()) {
+            self.confirm_held(id, held).await?;
+            decision = held.entry.state.handle(command);
+        }
+        let events = match decision {
+            Ok(events) => events,
+            Err(rule) => return Ok(Err(Refusal::Rule(rule))),
+        };
+        for event in events {
+            held.entry.version += 1;
+            rows.push(Row::new::<A>(id, held.entry.version, &event, metadata)?);
+            held.entry.state.apply(event);
+        }
+        Ok(Ok(()))
+    }
+
+    /// Hands a held entry back once its batch has appended (`position`: the global
+    /// position of its last event, if the batch appended to it): into the cache, with a
+    /// snapshot if the batch crossed a snapshot boundary. An entry of a batch that did
+    /// not append is dropped instead, as it may be stale.
+    pub(crate) async fn release_held(&self, id: Uuid, held: Held<'_, A>, position: Option<i64>) {
+        let Held {
+            mut entry,
+            base,
+            _turn,
+        } = held;
+        if position.is_some() {
+            entry.position = position;
+        }
+        let every = self.settings.snapshot_every.max(1) as u64;
+        if entry.version / every > base / every {
+            self.snapshot(id, &entry).await;
+        }
+        self.keep(id, entry);
     }
 
     /// Appends `events` after `version` in one autocommitted statement; answers the

@@ -12,6 +12,11 @@
 //!
 //! A key is held only while some command has or awaits its turn, so the map stays as
 //! small as the number of aggregates in use at this instant.
+//!
+//! A [`Batch`](crate::batch::Batch) holds the turns of every aggregate it decides on until
+//! it has appended ([`Turns::take`]). It is the only holder of more than one turn at a
+//! time (a command holds one, and waits for none while holding it), and a bus runs one
+//! batch at a time, so no two holders can each wait for a turn the other holds.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,11 +60,30 @@ impl Turns {
         }
     }
 
+    /// Waits for aggregate `id`'s turn and holds it until the [`Turn`] is dropped.
+    pub async fn take(&self, id: Uuid) -> Turn<'_> {
+        let ticket = self.ticket(id);
+        let guard = Arc::clone(&ticket.queue).lock_owned().await;
+        Turn {
+            _guard: guard,
+            _ticket: ticket,
+        }
+    }
+
     /// Aggregates with a command holding or awaiting its turn.
     #[cfg(test)]
     fn in_use(&self) -> usize {
         self.queues().len()
     }
+}
+
+/// A turn held apart from a borrow of its ticket, so that one holder can keep several.
+/// The guard is dropped before the ticket (fields drop in order), so the ticket sees only
+/// the map's reference and its own when no one else waits.
+#[derive(Debug)]
+pub struct Turn<'a> {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _ticket: Ticket<'a>,
 }
 
 impl Ticket<'_> {
@@ -154,5 +178,30 @@ mod tests {
         let _third = tokio::time::timeout(Duration::from_secs(1), third.wait())
             .await
             .expect("the turn passed on after a cancelled wait");
+    }
+
+    #[tokio::test]
+    async fn held_turns_wait_like_tickets_and_leave_nothing_behind() {
+        let turns = Turns::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let held_a = turns.take(a).await;
+        let held_b = turns.take(b).await;
+        {
+            let waited = tokio::time::timeout(Duration::from_millis(20), turns.take(a)).await;
+            assert!(waited.is_err(), "a held turn was taken twice");
+        }
+        let ticket = turns.ticket(b);
+        let waited = tokio::time::timeout(Duration::from_millis(20), ticket.wait()).await;
+        assert!(
+            waited.is_err(),
+            "a command went while a batch held its aggregate"
+        );
+        assert_eq!(turns.in_use(), 2);
+        drop(held_b);
+        let _turn = tokio::time::timeout(Duration::from_secs(1), ticket.wait())
+            .await
+            .expect("the turn passed on when the batch let go");
+        drop(held_a);
+        assert_eq!(turns.in_use(), 1, "only b, whose ticket is still out");
     }
 }

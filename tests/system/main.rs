@@ -6,6 +6,7 @@
 mod api;
 mod audit;
 mod authorization;
+mod batches;
 mod chaos;
 mod dependencies;
 mod distribution;
