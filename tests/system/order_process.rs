@@ -413,6 +413,71 @@ async fn killing_the_process_and_the_relay_mid_flight_doubles_and_leaks_nothing(
     scarce_stock(true).await;
 }
 
+/// Positions never taken by a stored event (each failed append leaves one per row).
+async fn unused_positions(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(max(position) - count(*), 0) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_order_cancelled_before_its_turn_stays_cancelled_though_presumed_pending() {
+    let mut shop = Shop::open().await;
+    let product = shop.create_product("PRESUMED-1", 10).await;
+    // Placed, and one cancelled, by another instance while the process is down: the
+    // process's bus has none of the orders cached, so it presumes each one pending from
+    // its placement, and the cancelled one is not.
+    shop.process.abort();
+    let elsewhere = shop.db.commands(StoreSettings::default());
+    let customer = UserId::new();
+    let first = place(&elsewhere, customer, "p1", &[(&product, 2)]).await;
+    let cancelled = place(&elsewhere, customer, "p2", &[(&product, 3)]).await;
+    let last = place(&elsewhere, customer, "p3", &[(&product, 4)]).await;
+    elsewhere
+        .orders
+        .execute(
+            cancelled.as_uuid(),
+            OrderCommand::Cancel { reason: None },
+            &as_customer(customer, "c2"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let unused_before = unused_positions(&shop.db).await;
+    shop.restart_process();
+    shop.settle(2).await;
+
+    // The batch decided on the presumption was refused whole at the cancelled order's
+    // sequence, and decided again on what the store holds.
+    assert!(
+        unused_positions(&shop.db).await > unused_before,
+        "no batch was refused: the presumption was never put to the test"
+    );
+    for order in [first, last] {
+        assert_eq!(
+            shop.order(order).await.status(),
+            Some(OrderStatus::Confirmed)
+        );
+    }
+    assert_eq!(
+        shop.order(cancelled).await.status(),
+        Some(OrderStatus::Cancelled)
+    );
+    let types: Vec<String> = shop
+        .stream_of("order", cancelled.as_uuid())
+        .await
+        .into_iter()
+        .map(|event| event.event_type)
+        .collect();
+    assert_eq!(types, ["OrderPlaced", "OrderCancelled"]);
+    let state = shop.product(product.id).await;
+    assert_eq!((state.stock_available(), state.stock_reserved()), (4, 6));
+    assert_stock_history(&shop, product.id, &BTreeSet::from([first, last])).await;
+    assert_eq!(shop.product_view(product.id).await, (4, 6));
+}
+
 #[tokio::test]
 async fn cancelling_returns_reserved_stock_and_shipping_commits_it() {
     let shop = Shop::open().await;
