@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hindsight_commands::batch::{Conflict, Read};
+use hindsight_commands::batch::{Batch, Conflict, Read};
 use hindsight_commands::{Actor, CommandBus, EventMetadata, Refusal, StoreSettings};
 use hindsight_domain::ids::{OrderId, ProductId};
 use hindsight_domain::product::{Product, ProductCommand, ProductError};
@@ -59,6 +59,15 @@ async fn stored(db: &TestDb, id: uuid::Uuid) -> Vec<(i64, i64)> {
     .unwrap()
 }
 
+/// Stages `command` on product `id`, which must accept it.
+async fn accepted(batch: &mut Batch<'_>, id: uuid::Uuid, command: ProductCommand, request: &str) {
+    batch
+        .execute::<Product>(id, command, &metadata(request))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 async fn stock_of(commands: &CommandBus, id: uuid::Uuid) -> (u64, u64) {
     let loaded = commands.products.load(id).await.unwrap().unwrap();
     (loaded.version, loaded.state.stock_available())
@@ -74,11 +83,7 @@ async fn a_batch_decides_each_command_on_the_ones_before_it_and_appends_them_in_
     );
 
     let mut batch = commands.batch().await;
-    batch
-        .execute::<Product>(a, reserve(2), &metadata("r1"))
-        .await
-        .unwrap()
-        .unwrap();
+    accepted(&mut batch, a, reserve(2), "r1").await;
     // One unit is left after the staged reservation, though the store still holds three.
     let refused = batch
         .execute::<Product>(a, reserve(2), &metadata("r2"))
@@ -94,21 +99,9 @@ async fn a_batch_decides_each_command_on_the_ones_before_it_and_appends_them_in_
         ),
         "{refused:?}"
     );
-    batch
-        .execute::<Product>(b, restock(4), &metadata("r3"))
-        .await
-        .unwrap()
-        .unwrap();
-    batch
-        .execute::<Product>(a, restock(5), &metadata("r4"))
-        .await
-        .unwrap()
-        .unwrap();
-    batch
-        .execute::<Product>(a, reserve(2), &metadata("r5"))
-        .await
-        .unwrap()
-        .unwrap();
+    accepted(&mut batch, b, restock(4), "r3").await;
+    accepted(&mut batch, a, restock(5), "r4").await;
+    accepted(&mut batch, a, reserve(2), "r5").await;
     assert_eq!(batch.staged(), 4);
     let last = batch.commit().await.unwrap().unwrap();
 
@@ -153,16 +146,8 @@ async fn a_batch_another_writer_got_ahead_of_stores_nothing() {
     );
 
     let mut batch = here.batch().await;
-    batch
-        .execute::<Product>(a, restock(1), &metadata("h1"))
-        .await
-        .unwrap()
-        .unwrap();
-    batch
-        .execute::<Product>(b, restock(1), &metadata("h2"))
-        .await
-        .unwrap()
-        .unwrap();
+    accepted(&mut batch, a, restock(1), "h1").await;
+    accepted(&mut batch, b, restock(1), "h2").await;
     // Another process restocks b while the batch is being decided.
     elsewhere
         .products
@@ -248,11 +233,7 @@ async fn presumed_and_cached_entries_are_proven_before_they_are_acted_on() {
         .unwrap()
         .unwrap();
     assert_eq!(unconfirmed.stock_available(), 2, "as presumed");
-    batch
-        .execute::<Product>(created, restock(1), &metadata("u1"))
-        .await
-        .unwrap()
-        .unwrap();
+    accepted(&mut batch, created, restock(1), "u1").await;
     assert_eq!(batch.commit().await.unwrap(), Err(Conflict));
     assert_eq!(stock_of(&unknown, created).await, (2, 3));
 }
@@ -264,11 +245,7 @@ async fn commands_on_a_batch_aggregate_wait_for_the_batch_to_append() {
     let id = product(&commands, "TURNS-1", 0).await;
 
     let mut batch = commands.batch().await;
-    batch
-        .execute::<Product>(id, restock(2), &metadata("b1"))
-        .await
-        .unwrap()
-        .unwrap();
+    accepted(&mut batch, id, restock(2), "b1").await;
     let waiting = {
         let commands = commands.clone();
         tokio::spawn(async move {
