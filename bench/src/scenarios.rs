@@ -284,8 +284,8 @@ async fn writes(
             Arc::clone(&fixture.customers),
             Arc::clone(&fixture.products),
         );
-        // The order process decides each placement afterwards, one order at a time; how
-        // fast it does (until it has caught up) is measured from the same start.
+        // The order process decides each placement afterwards, in runs of orders (ADR 6);
+        // how fast it does (until it has caught up) is measured from the same start.
         let before: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
             .fetch_one(&fixture.pool)
             .await?;
