@@ -602,8 +602,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
 
     /// Hands a held entry back once its batch has appended (`position`: the global
     /// position of its last event, if the batch appended to it): into the cache, with a
-    /// snapshot if the batch crossed a snapshot boundary. An entry of a batch that did
-    /// not append is dropped instead, as it may be stale.
+    /// snapshot if the batch crossed a snapshot boundary, and then passes its turn on.
+    /// The entries of a batch whose append failed never come here: they are dropped
+    /// with the batch, as they may be stale.
     pub(crate) async fn release_held(&self, id: Uuid, held: Held<'_, A>, position: Option<i64>) {
         let Held {
             mut entry,
