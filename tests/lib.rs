@@ -91,6 +91,19 @@ impl TestDb {
     pub fn commands(&self, settings: StoreSettings) -> CommandBus {
         CommandBus::new(self.pool.clone(), settings)
     }
+
+    /// Positions drawn that no stored event took: every refused append (a conflict)
+    /// uses up one per row it tried to insert.
+    pub async fn unused_positions(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END \
+                    - (SELECT count(*) FROM events) \
+             FROM events_position_seq",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .expect("counting the positions in use")
+    }
 }
 
 /// `postgres://user@host:port/db?params` without `/db?params`.

@@ -14,8 +14,10 @@
 //! its next sequence succeeds, and a refusal or no-op decided on an unproven entry is
 //! first confirmed against the store. When another process appended to one of the
 //! aggregates meanwhile, the whole statement fails at that aggregate's sequence
-//! ([`Conflict`]) and nothing of the batch is stored; the caller decides again on a fresh
-//! batch, which reads what it had cached.
+//! ([`Conflict`]) and nothing of the batch is stored; the batch's aggregates are dropped
+//! from the cache, and the caller decides again on a fresh batch, which reads them from
+//! the store. While a batch holds an aggregate, the cache keeps its last committed state
+//! for readers.
 //!
 //! Commands that claim a unique key (creating a user or a product) are not for batches:
 //! a key another aggregate holds would fail the whole statement.
@@ -117,6 +119,13 @@ impl<'a, A: domain::Aggregate> Holding<'a, A> {
         })
     }
 
+    /// Drops every held aggregate from the cache (the batch conflicted).
+    fn forget(self) {
+        for id in self.held.into_keys() {
+            self.store.forget(id);
+        }
+    }
+
     /// Hands every entry back after the batch appended; `positions` holds the last
     /// position of each aggregate the batch appended to, by type and id.
     async fn release(self, positions: &HashMap<(String, String), i64>) {
@@ -131,8 +140,8 @@ impl<'a, A: domain::Aggregate> Holding<'a, A> {
 
 /// Several commands decided in order and appended in one statement (see the module).
 ///
-/// Dropping a batch without [`commit`](Self::commit) stores nothing and drops what it
-/// held from the cache.
+/// Dropping a batch without [`commit`](Self::commit) stores nothing; the cache keeps the
+/// entries it held as they were before the batch.
 #[derive(Debug)]
 pub struct Batch<'a> {
     bus: &'a CommandBus,
@@ -248,7 +257,8 @@ impl<'a> Batch<'a> {
 
     /// Appends every staged event in one statement and hands the aggregates back to
     /// the cache; answers the global position of the last event (`None` when nothing
-    /// was staged). On [`Conflict`] nothing is stored and the held entries are dropped.
+    /// was staged). On [`Conflict`] nothing is stored, and the held aggregates are dropped
+    /// from the cache, so that deciding again reads them from the store.
     pub async fn commit(self) -> Result<Result<Option<i64>, Conflict>, StoreError> {
         let Batch {
             bus,
@@ -267,7 +277,12 @@ impl<'a> Batch<'a> {
                         .map(|(kind, id, position)| ((kind, id), position))
                         .collect();
                 }
-                Err(conflict) => return Ok(Err(conflict)),
+                Err(conflict) => {
+                    holdings.users.forget();
+                    holdings.products.forget();
+                    holdings.orders.forget();
+                    return Ok(Err(conflict));
+                }
             }
             if let Some(position) = last {
                 bus.appends.appended(position);

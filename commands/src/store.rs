@@ -525,18 +525,20 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Ok(Err(Refusal::Contention))
     }
 
-    /// Takes aggregate `id`'s turn for a batch and the entry to decide on: the cached
-    /// one, else `presumed` (a state at a version the caller has reason to believe
+    /// Takes aggregate `id`'s turn for a batch and the entry to decide on: a copy of the
+    /// cached one, else `presumed` (a state at a version the caller has reason to believe
     /// current), else the aggregate as stored. A cached or presumed entry is unproven
     /// until the batch appends to it or [`confirm_held`](Self::confirm_held) reads its
-    /// version.
+    /// version. The cached entry stays where it is meanwhile: readers (placing an order
+    /// reads its products) keep finding the last committed state, rather than missing
+    /// the cache and reading the store for as long as a batch holds the aggregate.
     pub(crate) async fn hold(
         &self,
         id: Uuid,
         presumed: Option<(A, u64)>,
     ) -> Result<Held<'_, A>, StoreError> {
         let turn = self.turns.take(id).await;
-        let entry = match (self.take_cached(id), presumed) {
+        let entry = match (self.peek_cached(id), presumed) {
             (Some(entry), _) => entry,
             (None, Some((state, version))) => Entry {
                 state,
@@ -600,11 +602,16 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Ok(Ok(()))
     }
 
+    /// Drops aggregate `id` from the cache, after a batch holding it conflicted: the
+    /// copy it decided on may be stale, and the next attempt should read the store.
+    pub(crate) fn forget(&self, id: Uuid) {
+        self.cache().remove(&id);
+    }
+
     /// Hands a held entry back once its batch has appended (`position`: the global
     /// position of its last event, if the batch appended to it): into the cache, with a
     /// snapshot if the batch crossed a snapshot boundary, and then passes its turn on.
-    /// The entries of a batch whose append failed never come here: they are dropped
-    /// with the batch, as they may be stale.
+    /// The entries of a batch whose append failed never come here.
     pub(crate) async fn release_held(&self, id: Uuid, held: Held<'_, A>, position: Option<i64>) {
         let Held {
             mut entry,

@@ -413,14 +413,6 @@ async fn killing_the_process_and_the_relay_mid_flight_doubles_and_leaks_nothing(
     scarce_stock(true).await;
 }
 
-/// Positions never taken by a stored event (each failed append leaves one per row).
-async fn unused_positions(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT coalesce(max(position) - count(*), 0) FROM events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_order_cancelled_before_its_turn_stays_cancelled_though_presumed_pending() {
     let mut shop = Shop::open().await;
@@ -445,14 +437,14 @@ async fn an_order_cancelled_before_its_turn_stays_cancelled_though_presumed_pend
         .await
         .unwrap()
         .unwrap();
-    let unused_before = unused_positions(&shop.db).await;
+    let unused_before = shop.db.unused_positions().await;
     shop.restart_process();
     shop.settle(2).await;
 
     // The batch decided on the presumption was refused whole at the cancelled order's
     // sequence, and decided again on what the store holds.
     assert!(
-        unused_positions(&shop.db).await > unused_before,
+        shop.db.unused_positions().await > unused_before,
         "no batch was refused: the presumption was never put to the test"
     );
     for order in [first, last] {
