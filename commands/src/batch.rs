@@ -32,7 +32,7 @@ use hindsight_domain::{self as domain, DomainEvent as _};
 use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
-use crate::store::{AggregateStore, Held, Refusal, StoreError};
+use crate::store::{classify_append, AggregateStore, AppendFailure, Held, Refusal, StoreError};
 use crate::CommandBus;
 
 /// One event staged by a batch, as it will be inserted.
@@ -332,17 +332,13 @@ async fn append(
     .await;
     match result {
         Ok(appended) => Ok(Ok(appended)),
-        Err(error) => {
-            let conflict = error.as_database_error().is_some_and(|database| {
-                database.code().as_deref() == Some("23505")
-                    && database.constraint() == Some("events_pkey")
-            });
-            if conflict {
-                Ok(Err(Conflict))
-            } else {
-                Err(StoreError::from(error))
-            }
-        }
+        Err(error) => match classify_append(error)? {
+            AppendFailure::Conflict => Ok(Err(Conflict)),
+            AppendFailure::Taken(key) => Err(StoreError::Database(
+                format!("a batched command claimed a unique key ({key:?}) another aggregate holds")
+                    .into(),
+            )),
+        },
     }
 }
 

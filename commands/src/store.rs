@@ -163,14 +163,14 @@ fn load_error<E: StdError>(error: AggregateError<E>) -> StoreError {
 }
 
 /// Why an append did not happen, when that is not an infrastructure failure.
-enum AppendFailure {
+pub(crate) enum AppendFailure {
     /// Another writer took the next sequence first.
     Conflict,
     /// The unique-key trigger refused a key another aggregate holds.
     Taken(UniqueKey),
 }
 
-fn classify_append(error: sqlx::Error) -> Result<AppendFailure, StoreError> {
+pub(crate) fn classify_append(error: sqlx::Error) -> Result<AppendFailure, StoreError> {
     if let Some(database) = error.as_database_error() {
         match database.code().as_deref() {
             Some("23505") if database.constraint() == Some("events_pkey") => {
