@@ -29,6 +29,7 @@ use hindsight_domain::order::Order;
 use hindsight_domain::product::Product;
 use hindsight_domain::user::User;
 use hindsight_domain::{self as domain, DomainEvent as _};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
@@ -269,7 +270,7 @@ impl<'a> Batch<'a> {
         let mut positions = HashMap::new();
         let mut last = None;
         if !rows.is_empty() {
-            match append(bus, rows).await? {
+            match insert_rows(bus.pool(), rows).await? {
                 Ok(appended) => {
                     last = appended.iter().map(|(_, _, position)| *position).max();
                     positions = appended
@@ -277,11 +278,19 @@ impl<'a> Batch<'a> {
                         .map(|(kind, id, position)| ((kind, id), position))
                         .collect();
                 }
-                Err(conflict) => {
+                Err(AppendFailure::Conflict) => {
                     holdings.users.forget();
                     holdings.products.forget();
                     holdings.orders.forget();
-                    return Ok(Err(conflict));
+                    return Ok(Err(Conflict));
+                }
+                Err(AppendFailure::Taken(key)) => {
+                    return Err(StoreError::Database(
+                        format!(
+                        "a batched command claimed a unique key ({key:?}) another aggregate holds"
+                    )
+                        .into(),
+                    ))
                 }
             }
             if let Some(position) = last {
@@ -297,11 +306,12 @@ impl<'a> Batch<'a> {
 
 /// Inserts `rows` in order in one autocommitted statement; answers each appended
 /// aggregate's type, id and last position. The table's triggers stamp positions in row
-/// order and extend each stream's hash chain as for a single command.
-async fn append(
-    bus: &CommandBus,
+/// order and extend each stream's hash chain as for a single event. Also the statement
+/// of a single command that decides more than one event.
+pub(crate) async fn insert_rows(
+    pool: &PgPool,
     rows: Vec<Row>,
-) -> Result<Result<Vec<(String, String, i64)>, Conflict>, StoreError> {
+) -> Result<Result<Vec<(String, String, i64)>, AppendFailure>, StoreError> {
     let mut columns = Columns::with_capacity(rows.len());
     for row in rows {
         columns.push(row);
@@ -328,17 +338,11 @@ async fn append(
     .bind(columns.event_versions)
     .bind(columns.payloads)
     .bind(columns.metadata)
-    .fetch_all(bus.pool())
+    .fetch_all(pool)
     .await;
     match result {
         Ok(appended) => Ok(Ok(appended)),
-        Err(error) => match classify_append(error)? {
-            AppendFailure::Conflict => Ok(Err(Conflict)),
-            AppendFailure::Taken(key) => Err(StoreError::Database(
-                format!("a batched command claimed a unique key ({key:?}) another aggregate holds")
-                    .into(),
-            )),
-        },
+        Err(error) => classify_append(error).map(Err),
     }
 }
 

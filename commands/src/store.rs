@@ -41,7 +41,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::aggregate::EventSourced;
-use crate::batch::Row;
+use crate::batch::{insert_rows, Row};
 use crate::metadata::EventMetadata;
 use crate::turns::{Turn, Turns};
 use crate::upcast::Upcaster;
@@ -630,7 +630,8 @@ impl<A: domain::Aggregate> AggregateStore<A> {
 
     /// Appends `events` after `version` in one autocommitted statement; answers the
     /// global position of the last one. The table's triggers stamp positions, claim
-    /// unique keys and extend the hash chain in the same statement.
+    /// unique keys and extend the hash chain in the same statement. One event (what every
+    /// command decides today) is a plain `INSERT`; more go through the batch's statement.
     async fn append(
         &self,
         id: Uuid,
@@ -640,55 +641,36 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     ) -> Result<Result<i64, AppendFailure>, StoreError> {
         let metadata = serde_json::to_value(metadata.to_map())
             .map_err(|error| StoreError::Database(Box::new(error)))?;
-        let mut payloads = Vec::with_capacity(events.len());
-        for event in events {
-            payloads.push(
-                serde_json::to_value(event)
-                    .map_err(|error| StoreError::Database(Box::new(error)))?,
-            );
-        }
-        let result = if let ([event], [payload]) = (events, payloads.as_slice()) {
-            sqlx::query_scalar::<_, i64>(
-                "INSERT INTO events \
-                     (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position",
-            )
-            .bind(A::TYPE)
-            .bind(id.to_string())
-            .bind(version as i64 + 1)
-            .bind(event.event_type())
-            .bind(event.event_version())
-            .bind(payload)
-            .bind(&metadata)
-            .fetch_one(&self.pool)
-            .await
-        } else {
-            let sequences: Vec<i64> = (1..=events.len() as i64)
-                .map(|offset| version as i64 + offset)
-                .collect();
-            let types: Vec<&str> = events.iter().map(|event| event.event_type()).collect();
-            let versions: Vec<&str> = events.iter().map(|event| event.event_version()).collect();
-            sqlx::query_scalar::<_, i64>(
-                "WITH appended AS ( \
-                     INSERT INTO events \
-                         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                     SELECT $1, $2, e.sequence, e.event_type, e.event_version, e.payload, $7 \
-                     FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[]) \
-                         WITH ORDINALITY AS e(sequence, event_type, event_version, payload, n) \
-                     ORDER BY e.n \
-                     RETURNING position) \
-                 SELECT max(position) FROM appended",
-            )
-            .bind(A::TYPE)
-            .bind(id.to_string())
-            .bind(sequences)
-            .bind(types)
-            .bind(versions)
-            .bind(payloads)
-            .bind(&metadata)
-            .fetch_one(&self.pool)
-            .await
+        let [event] = events else {
+            let mut rows = Vec::with_capacity(events.len());
+            for (sequence, event) in (version + 1..).zip(events) {
+                rows.push(Row::new::<A>(id, sequence, event, &metadata)?);
+            }
+            let appended = match insert_rows(&self.pool, rows).await? {
+                Ok(appended) => appended,
+                Err(failure) => return Ok(Err(failure)),
+            };
+            let position = appended.into_iter().map(|(_, _, position)| position).max();
+            return position
+                .map(Ok)
+                .ok_or_else(|| StoreError::Database("an append stored no event".into()));
         };
+        let payload =
+            serde_json::to_value(event).map_err(|error| StoreError::Database(Box::new(error)))?;
+        let result = sqlx::query_scalar::<_, i64>(
+            "INSERT INTO events \
+                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position",
+        )
+        .bind(A::TYPE)
+        .bind(id.to_string())
+        .bind(version as i64 + 1)
+        .bind(event.event_type())
+        .bind(event.event_version())
+        .bind(payload)
+        .bind(&metadata)
+        .fetch_one(&self.pool)
+        .await;
         match result {
             Ok(position) => Ok(Ok(position)),
             Err(error) => classify_append(error).map(Err),
