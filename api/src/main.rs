@@ -13,8 +13,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    hindsight_api::telemetry::init(cli.logging.log_format);
-    match hindsight_api::run(cli).await {
+    let logs = hindsight_api::telemetry::init(cli.logging.log_format);
+    let result = hindsight_api::run(cli).await;
+    // Write out the queued log lines before the last word.
+    drop(logs);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
