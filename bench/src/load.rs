@@ -133,9 +133,28 @@ where
     total.finish(seconds)
 }
 
-/// `op(k)` sent at `rate` per second for `duration`, with at most `connections` requests
-/// in flight; each latency counts from the moment its request was due.
-pub async fn open_loop<F, Fut>(rate: f64, connections: usize, duration: Duration, op: F) -> Sample
+/// How many of an open loop's first requests are its warm-up: those due within `warmup`.
+pub fn warmup_requests(rate: f64, warmup: Duration) -> u64 {
+    (warmup.as_secs_f64() * rate).ceil() as u64
+}
+
+/// `op(k)` sent at `rate` per second for `warmup + duration`, with at most `connections`
+/// requests in flight; each latency counts from the moment its request was due. The
+/// first [`warmup_requests`] are sent like the rest but not recorded.
+///
+/// The requests are paced by a thread of their own, not by the runtime's timers: those
+/// tick once a millisecond, so at a few thousand requests a second they would send the
+/// requests due within each tick together, a burst the rate does not ask for. The thread
+/// sleeps to each due time (the kernel wakes it within tens of microseconds) and hands
+/// the request to the runtime; a request that finds every connection busy waits for one,
+/// in order, and that wait counts in its latency.
+pub async fn open_loop<F, Fut>(
+    rate: f64,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+    op: F,
+) -> Sample
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Outcome> + Send + 'static,
@@ -144,24 +163,38 @@ where
     let slots = Arc::new(Semaphore::new(connections));
     let (done, mut results) = mpsc::unbounded_channel();
     let interval = Duration::from_secs_f64(1.0 / rate.max(1e-3));
-    let start = tokio::time::Instant::now();
-    let count = (duration.as_secs_f64() * rate).floor() as u64;
-    for k in 0..count {
-        let due = start + interval.mul_f64(k as f64);
-        tokio::time::sleep_until(due).await;
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            break;
-        };
-        let op = Arc::clone(&op);
-        let done = done.clone();
-        tokio::spawn(async move {
-            let outcome = op(k).await;
-            drop(slot);
-            let _ = done.send((outcome, due.elapsed()));
+    let unmeasured = warmup_requests(rate, warmup);
+    let count = unmeasured + (duration.as_secs_f64() * rate).floor() as u64;
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = std::thread::Builder::new()
+        .name("open-loop".into())
+        .spawn(move || {
+            let start = Instant::now();
+            for k in 0..count {
+                let due = start + interval.mul_f64(k as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let (op, slots, done) = (Arc::clone(&op), Arc::clone(&slots), done.clone());
+                runtime.spawn(async move {
+                    let Ok(slot) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    let outcome = op(k).await;
+                    drop(slot);
+                    if k >= unmeasured {
+                        let _ = done.send((outcome, due.elapsed()));
+                    }
+                });
+            }
         });
-    }
-    drop(done);
     let mut sample = Sample::default();
+    if let Err(error) = pacer {
+        sample.failed += 1;
+        sample.first_failure = Some(format!("starting the pacing thread: {error}"));
+        return sample.finish(duration.as_secs_f64());
+    }
+    // The channel closes when the pacer has sent every request and each has answered.
     while let Some((outcome, latency)) = results.recv().await {
         sample.record(outcome, latency);
     }
@@ -220,10 +253,16 @@ mod tests {
     async fn an_open_loop_counts_latency_from_the_due_time() {
         // One connection, 100 requests per second, each taking 30 ms: requests queue up,
         // and the measured latency must grow beyond the 30 ms service time.
-        let sample = open_loop(100.0, 1, Duration::from_millis(300), |_| async {
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            Outcome::Ok(None)
-        })
+        let sample = open_loop(
+            100.0,
+            1,
+            Duration::ZERO,
+            Duration::from_millis(300),
+            |_| async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Outcome::Ok(None)
+            },
+        )
         .await;
         assert_eq!(sample.count(), 30);
         assert!(
@@ -231,5 +270,26 @@ mod tests {
             "{}",
             sample.quantile_ms(0.99)
         );
+    }
+
+    #[tokio::test]
+    async fn an_open_loop_sends_its_warm_up_but_does_not_record_it() {
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&calls);
+        let sample = open_loop(
+            100.0,
+            4,
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+            move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { Outcome::Ok(None) }
+            },
+        )
+        .await;
+        assert_eq!(warmup_requests(100.0, Duration::from_millis(100)), 10);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 40);
+        assert_eq!(sample.count(), 30);
+        assert_eq!(sample.ok, 30);
     }
 }

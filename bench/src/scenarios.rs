@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::baseline;
 use crate::client::Api;
-use crate::load::{closed_loop, open_loop, quantile, Outcome, Sample};
+use crate::load::{closed_loop, open_loop, quantile, warmup_requests, Outcome, Sample};
 use crate::seed;
 use crate::server::{self, Database, Environment, Memory, Server};
 
@@ -369,14 +369,16 @@ async fn lag(
         Arc::clone(&fixture.products),
         Arc::clone(&acked),
     );
-    let commands = open_loop(rate, 32, settings.duration, move |k| {
+    // The warm-up's commands are sent but their lag is not measured.
+    let measured_from = warmup_requests(rate, settings.warmup);
+    let commands = open_loop(rate, 32, settings.warmup, settings.duration, move |k| {
         let (api, admin, acks) = (api.clone(), admin.clone(), Arc::clone(&acks));
         let product = products[k as usize % products.len()];
         async move {
             let outcome = api.restock(&admin, product, 1).await;
-            if let Outcome::Ok(Some(position)) = outcome {
+            if let (Outcome::Ok(Some(position)), true) = (&outcome, k >= measured_from) {
                 if let Ok(mut acks) = acks.lock() {
-                    acks.push((Instant::now(), position));
+                    acks.push((Instant::now(), *position));
                 }
             }
             outcome
@@ -642,17 +644,27 @@ async fn reads(
     put_sample(figures, "s5.list_max.32", &max_list);
 
     let one = get(api.clone(), Arc::clone(&ids));
-    let half_get = open_loop(max_get.rate() / 2.0, 32, settings.duration, move |k| {
-        one(k as usize)
-    })
+    let half_get = open_loop(
+        max_get.rate() / 2.0,
+        32,
+        settings.warmup,
+        settings.duration,
+        move |k| one(k as usize),
+    )
     .await;
     put_sample(figures, "s5.get_half.32", &half_get);
 
     let list_api = api.clone();
-    let half_list = open_loop(max_list.rate() / 2.0, 32, settings.duration, move |_| {
-        let api = list_api.clone();
-        async move { api.list_products(LISTING).await }
-    })
+    let half_list = open_loop(
+        max_list.rate() / 2.0,
+        32,
+        settings.warmup,
+        settings.duration,
+        move |_| {
+            let api = list_api.clone();
+            async move { api.list_products(LISTING).await }
+        },
+    )
     .await;
     put_sample(figures, "s5.list_half.32", &half_list);
     Ok(())
