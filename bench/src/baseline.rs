@@ -1,6 +1,8 @@
 //! Baselines measured in the same run as the figures they scale: what Postgres alone does
 //! on this machine, through the same driver, at the same concurrency.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -9,7 +11,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::load::{closed_loop, Outcome, Sample};
+use crate::load::{closed_loop, open_loop, Outcome, Sample};
 
 /// A table shaped like the event store's, without its triggers and extra indexes.
 const RAW_EVENTS: &str = "CREATE TABLE IF NOT EXISTS bench_raw_events (
@@ -78,7 +80,8 @@ pub async fn raw_inserts(
     Ok(sample)
 }
 
-/// Point reads of one product row by primary key from the read model's table.
+/// Point reads of one product row by primary key from the read model's table, as fast as
+/// `clients` connections go.
 pub async fn raw_point_reads(
     url: &str,
     clients: usize,
@@ -87,23 +90,50 @@ pub async fn raw_point_reads(
     duration: Duration,
 ) -> Result<Sample> {
     let pool = pool(url, clients).await?;
+    let products = Arc::new(products);
     let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
-        let pool = pool.clone();
-        let id = products[(client * 7919 + iteration as usize) % products.len()];
-        async move {
-            let result = sqlx::query("SELECT * FROM product_views WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&pool)
-                .await;
-            match result {
-                Ok(Some(_)) => Outcome::Ok(None),
-                Ok(None) => Outcome::Failed("no such product row".into()),
-                Err(error) => Outcome::Failed(error.to_string()),
-            }
-        }
+        point_read(&pool, &products, client * 7919 + iteration as usize)
     })
     .await;
     Ok(sample)
+}
+
+/// The same point reads sent at a fixed `rate` over `connections` (an open loop): the
+/// latency the machine itself gives a read at that rate.
+pub async fn raw_point_reads_at(
+    url: &str,
+    rate: f64,
+    connections: usize,
+    products: Vec<Uuid>,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Sample> {
+    let pool = pool(url, connections).await?;
+    let products = Arc::new(products);
+    let sample = open_loop(rate, connections, warmup, duration, move |k| {
+        point_read(&pool, &products, k as usize * 7919)
+    })
+    .await;
+    Ok(sample)
+}
+
+fn point_read(
+    pool: &PgPool,
+    products: &Arc<Vec<Uuid>>,
+    k: usize,
+) -> impl Future<Output = Outcome> + Send + 'static {
+    let (pool, id) = (pool.clone(), products[k % products.len()]);
+    async move {
+        let result = sqlx::query("SELECT * FROM product_views WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&pool)
+            .await;
+        match result {
+            Ok(Some(_)) => Outcome::Ok(None),
+            Ok(None) => Outcome::Failed("no such product row".into()),
+            Err(error) => Outcome::Failed(error.to_string()),
+        }
+    }
 }
 
 /// Reads every stored event in position order, in keyset batches of 5,000: the floor of

@@ -40,7 +40,7 @@ struct Args {
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = positive_duration)]
     duration: Duration,
-    /// Unmeasured warm-up before each closed-loop phase.
+    /// Unmeasured warm-up before each phase, closed loop or open.
     #[arg(long, default_value = "2s", value_parser = positive_duration)]
     warmup: Duration,
     /// Events stored on the long-history aggregate of scenario 2.
@@ -190,7 +190,7 @@ async fn measure(args: Args) -> Result<()> {
         (
             "Phases".to_owned(),
             format!(
-                "{} s measured after {} s of warm-up; closed loops for maximum rates, open loops (latency counted from each request's due time) for latency at a fixed rate",
+                "{} s measured after {} s of warm-up; closed loops for maximum rates, open loops (requests paced evenly by a thread of their own, latency counted from each request's due time) for latency at a fixed rate",
                 settings.duration.as_secs_f64(),
                 settings.warmup.as_secs_f64()
             ),

@@ -654,6 +654,18 @@ async fn reads(
     .await;
     put_sample(figures, "s5.get_half.32", &half_get);
 
+    // The machine's own latency for the same reads at the same rate, without the server.
+    let raw_half = baseline::raw_point_reads_at(
+        &database.url,
+        max_get.rate() / 2.0,
+        32,
+        ids.to_vec(),
+        settings.warmup,
+        settings.duration,
+    )
+    .await?;
+    put_sample(figures, "s5.raw_get_half.32", &raw_half);
+
     let list_api = api.clone();
     let half_list = open_loop(
         max_list.rate() / 2.0,
