@@ -20,8 +20,9 @@ const WRITE_BUFFER: usize = 64 * 1024;
 /// Lines are formatted where they are logged and written by a thread of their own, which
 /// gathers the lines that queue up while it writes and hands them to the kernel together:
 /// a runtime thread serving requests never blocks in a `write` to the log, and a busy
-/// server makes one system call for many lines rather than one for each. The returned
-/// guard writes out what is queued when it is dropped; keep it until the process ends.
+/// server makes one system call for many lines rather than one for each. Dropping the
+/// returned guard waits (up to a second) for the queued lines to be written; keep it until
+/// the process ends.
 pub fn init(format: LogFormat) -> WorkerGuard {
     let (writer, guard) = writer_thread(std::io::stderr());
     let filter = EnvFilter::try_from_default_env()
