@@ -2,7 +2,6 @@
 //! on this machine, through the same driver, at the same concurrency.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -90,7 +89,6 @@ pub async fn raw_point_reads(
     duration: Duration,
 ) -> Result<Sample> {
     let pool = pool(url, clients).await?;
-    let products = Arc::new(products);
     let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
         point_read(&pool, &products, client * 7919 + iteration as usize)
     })
@@ -109,7 +107,6 @@ pub async fn raw_point_reads_at(
     duration: Duration,
 ) -> Result<Sample> {
     let pool = pool(url, connections).await?;
-    let products = Arc::new(products);
     let sample = open_loop(rate, connections, warmup, duration, move |k| {
         point_read(&pool, &products, k as usize * 7919)
     })
@@ -119,7 +116,7 @@ pub async fn raw_point_reads_at(
 
 fn point_read(
     pool: &PgPool,
-    products: &Arc<Vec<Uuid>>,
+    products: &[Uuid],
     k: usize,
 ) -> impl Future<Output = Outcome> + Send + 'static {
     let (pool, id) = (pool.clone(), products[k % products.len()]);
