@@ -144,6 +144,20 @@ pub fn rows() -> Vec<Row> {
             ),
         );
     }
+    for (kind, label) in [("restock", "restock"), ("order", "place order")] {
+        rows.push(
+            Row::new(
+                "1 writes",
+                format!("{label}, 32 clients: server CPU per command"),
+                format!("s1.{kind}.32.server_cpu_us"),
+                "µs",
+            )
+            .baseline(
+                "cores busy meanwhile, whole machine",
+                format!("s1.{kind}.32.machine_cores"),
+            ),
+        );
+    }
     for (command, label) in [("restock", "restock"), ("order", "place order")] {
         rows.push(
             Row::new(
@@ -201,6 +215,18 @@ pub fn rows() -> Vec<Row> {
             .value(Target::AtMost(0.0)),
         );
     }
+    rows.push(Row::new(
+        "3 projection lag",
+        "cores busy at that rate, whole machine",
+        "s3.command.machine_cores",
+        "cores",
+    ));
+    rows.push(Row::new(
+        "3 projection lag",
+        "cores busy at that rate, the server",
+        "s3.command.server_cores",
+        "cores",
+    ));
     rows.push(Row::new(
         "4 rebuild",
         "stored events",
@@ -281,6 +307,27 @@ pub fn rows() -> Vec<Row> {
             "raw primary-key SELECT at the same rate: p50",
             "s5.raw_get_half.32.p50",
         ),
+    );
+    rows.push(
+        Row::new(
+            "5 reads",
+            "GET /products/{id} at half the max rate: cores busy, whole machine",
+            "s5.get_half.32.machine_cores",
+            "cores",
+        )
+        .baseline(
+            "raw primary-key SELECT at the same rate: cores busy",
+            "s5.raw_get_half.32.machine_cores",
+        ),
+    );
+    rows.push(
+        Row::new(
+            "5 reads",
+            "GET /products/{id} at half the max rate: server CPU per request",
+            "s5.get_half.32.server_cpu_us",
+            "µs",
+        )
+        .baseline("same, at the max rate", "s5.get_max.32.server_cpu_us"),
     );
     rows.push(Row::new(
         "5 reads",

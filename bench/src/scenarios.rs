@@ -2,6 +2,7 @@
 //! scenario seeds its own history once and rebuilds it once per run.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,6 +87,17 @@ fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
         sample.refused,
         sample.failed
     );
+    let cores = |what: &str| figures.get(&format!("{key}.{what}_cores")).copied();
+    if let (Some(machine), Some(server), Some(stolen)) =
+        (cores("machine"), cores("server"), cores("stolen"))
+    {
+        let per_request = server / sample.rate().max(1e-9) * 1e6;
+        put(figures, format!("{key}.server_cpu_us"), per_request);
+        line.push_str(&format!(
+            ", cores busy {machine:.2} (server {server:.2}, {per_request:.0} µs a request), \
+             stolen by the host {stolen:.2}"
+        ));
+    }
     if let Some(failure) = &sample.first_failure {
         line.push_str(&format!(" (first failure: {failure})"));
     }
@@ -95,6 +107,42 @@ fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
     log(line);
 }
 
+/// Runs a load phase and records, over its measured window (from the end of the warm-up
+/// for `settings.duration`), the cores kept busy: by the whole machine (server, Postgres,
+/// NATS, the harness itself) as `<key>.machine_cores`, and by the server alone as
+/// `<key>.server_cores`; and the cores the host took from the machine meanwhile (steal)
+/// as `<key>.stolen_cores`. Call it before [`put_sample`], which adds the server's CPU
+/// time per request.
+async fn metered<T>(
+    settings: &Settings,
+    server_pid: Option<u32>,
+    figures: &mut Figures,
+    key: &str,
+    phase: impl Future<Output = T>,
+) -> T {
+    let (warmup, duration) = (settings.warmup, settings.duration);
+    let window = tokio::spawn(async move {
+        let pid = server_pid?;
+        tokio::time::sleep(warmup).await;
+        let (start, from) = (server::cpu_time(pid)?, Instant::now());
+        tokio::time::sleep(duration).await;
+        let end = server::cpu_time(pid)?;
+        let seconds = from.elapsed().as_secs_f64();
+        Some([
+            (end.machine - start.machine) / seconds,
+            (end.process - start.process) / seconds,
+            (end.stolen - start.stolen) / seconds,
+        ])
+    });
+    let result = phase.await;
+    if let Ok(Some([machine, server, stolen])) = window.await {
+        put(figures, format!("{key}.machine_cores"), machine);
+        put(figures, format!("{key}.server_cores"), server);
+        put(figures, format!("{key}.stolen_cores"), stolen);
+    }
+    result
+}
+
 /// What a run set up: an admin, products to write to, customers.
 struct Fixture {
     api: Api,
@@ -102,6 +150,8 @@ struct Fixture {
     products: Arc<Vec<Uuid>>,
     customers: Arc<Vec<String>>,
     pool: PgPool,
+    /// The server process, whose CPU time the phases measure.
+    server_pid: Option<u32>,
 }
 
 /// One run of scenarios 1, 2, 3, 5 and 6 on a fresh system.
@@ -215,6 +265,7 @@ async fn setup(database: &Database, server: &Server) -> Result<Fixture> {
         products: Arc::new(products),
         customers: Arc::new(customers),
         pool,
+        server_pid: server.pid(),
     })
 }
 
@@ -257,15 +308,23 @@ async fn writes(
     figures: &mut Figures,
 ) -> Result<()> {
     for clients in [8usize, 32] {
-        let raw = baseline::raw_inserts(&database.url, clients, settings.warmup, settings.duration)
-            .await?;
-        put_sample(figures, &format!("s1.raw_insert.{clients}"), &raw);
+        let key = format!("s1.raw_insert.{clients}");
+        let raw = metered(
+            settings,
+            fixture.server_pid,
+            figures,
+            &key,
+            baseline::raw_inserts(&database.url, clients, settings.warmup, settings.duration),
+        )
+        .await?;
+        put_sample(figures, &key, &raw);
 
         let (api, admin, products) = (
             fixture.api.clone(),
             fixture.admin.clone(),
             Arc::clone(&fixture.products),
         );
+        let key = format!("s1.restock.{clients}");
         let restocks = closed_loop(
             clients,
             settings.warmup,
@@ -275,9 +334,9 @@ async fn writes(
                 let product = products[(client * 2 + i as usize) % products.len()];
                 async move { api.restock(&admin, product, 1).await }
             },
-        )
-        .await;
-        put_sample(figures, &format!("s1.restock.{clients}"), &restocks);
+        );
+        let restocks = metered(settings, fixture.server_pid, figures, &key, restocks).await;
+        put_sample(figures, &key, &restocks);
 
         let (api, customers, products) = (
             fixture.api.clone(),
@@ -290,6 +349,7 @@ async fn writes(
             .fetch_one(&fixture.pool)
             .await?;
         let started = Instant::now();
+        let key = format!("s1.order.{clients}");
         let orders = closed_loop(
             clients,
             settings.warmup,
@@ -300,9 +360,9 @@ async fn writes(
                 let product = products[(client * 2 + i as usize) % products.len()];
                 async move { api.place_order(&token, product, 1).await }
             },
-        )
-        .await;
-        put_sample(figures, &format!("s1.order.{clients}"), &orders);
+        );
+        let orders = metered(settings, fixture.server_pid, figures, &key, orders).await;
+        put_sample(figures, &key, &orders);
         wait_idle(&fixture.pool).await?;
         let decided: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM events WHERE position > $1 AND aggregate_type = 'order' \
@@ -383,7 +443,14 @@ async fn lag(
             }
             outcome
         }
-    })
+    });
+    let commands = metered(
+        settings,
+        fixture.server_pid,
+        figures,
+        "s3.command",
+        commands,
+    )
     .await;
     wait_idle(&fixture.pool).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -617,8 +684,8 @@ async fn reads(
         ids.to_vec(),
         settings.warmup,
         settings.duration,
-    )
-    .await?;
+    );
+    let raw = metered(settings, fixture.server_pid, figures, "s5.raw_get.32", raw).await?;
     put_sample(figures, "s5.raw_get.32", &raw);
 
     let get = |api: Api, ids: Arc<Vec<Uuid>>| {
@@ -631,7 +698,14 @@ async fn reads(
     let one = get(api.clone(), Arc::clone(&ids));
     let max_get = closed_loop(32, settings.warmup, settings.duration, move |client, i| {
         one(client * 1_000_003 + i as usize)
-    })
+    });
+    let max_get = metered(
+        settings,
+        fixture.server_pid,
+        figures,
+        "s5.get_max.32",
+        max_get,
+    )
     .await;
     put_sample(figures, "s5.get_max.32", &max_get);
 
@@ -650,6 +724,13 @@ async fn reads(
         settings.warmup,
         settings.duration,
         move |k| one(k as usize),
+    );
+    let half_get = metered(
+        settings,
+        fixture.server_pid,
+        figures,
+        "s5.get_half.32",
+        half_get,
     )
     .await;
     put_sample(figures, "s5.get_half.32", &half_get);
@@ -662,6 +743,13 @@ async fn reads(
         ids.to_vec(),
         settings.warmup,
         settings.duration,
+    );
+    let raw_half = metered(
+        settings,
+        fixture.server_pid,
+        figures,
+        "s5.raw_get_half.32",
+        raw_half,
     )
     .await?;
     put_sample(figures, "s5.raw_get_half.32", &raw_half);

@@ -413,6 +413,61 @@ pub fn memory_of(pid: u32) -> Option<Memory> {
     })
 }
 
+/// CPU time used so far, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    /// The whole machine's busy time, summed over its cores.
+    pub machine: f64,
+    /// One process's own time (user and system, all its threads).
+    pub process: f64,
+    /// Time the machine's virtual cores wanted to run but the host ran something else
+    /// (steal), summed over the cores.
+    pub stolen: f64,
+}
+
+/// The clock ticks of a second in `/proc`'s CPU times (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The machine's and process `pid`'s CPU time so far, from `/proc`.
+pub fn cpu_time(pid: u32) -> Option<CpuTime> {
+    let (busy, stolen) = machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
+    let process = process_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    Some(CpuTime {
+        machine: busy as f64 / TICKS_PER_SECOND,
+        process: process as f64 / TICKS_PER_SECOND,
+        stolen: stolen as f64 / TICKS_PER_SECOND,
+    })
+}
+
+/// The busy and the stolen ticks of `/proc/stat`'s `cpu` line. Busy is user, nice,
+/// system, irq and softirq (guests' time is within user); not idle, waiting for I/O, or
+/// stolen by the host.
+fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&index| ticks.get(index).copied())
+        .sum::<Option<u64>>()?;
+    Some((busy, *ticks.get(7)?))
+}
+
+/// User and system ticks from a `/proc/<pid>/stat` line (its fields 14 and 15). The
+/// process name, in parentheses, may hold spaces and parentheses: fields are counted
+/// from the last `)`.
+fn process_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -483,5 +538,38 @@ mod tests {
         );
         assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
         assert_eq!(redact("postgres://u:p@h/db"), "postgres://***@h/db");
+    }
+
+    #[test]
+    fn cpu_times_are_read_from_the_fields_proc_gives_them_in() {
+        let stat = "cpu  100 20 30 4000 50 6 7 80 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nctxt 9\n";
+        // user + nice + system + irq + softirq; idle, iowait and steal are not busy.
+        assert_eq!(machine_ticks(stat), Some((163, 80)));
+        assert_eq!(machine_ticks("cpu0 1 2 3\n"), None);
+        assert_eq!(machine_ticks("cpu  1 2 3 4 5 6 7\n"), None);
+        let process = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 \
+                       250 75 0 0 20 0 9 0 1000 1000000 500";
+        assert_eq!(process_ticks(process), Some(325));
+        assert_eq!(process_ticks("42 (x) S 1"), None);
+    }
+
+    #[test]
+    fn a_busy_process_is_charged_its_cpu_and_the_machine_at_least_as_much() {
+        let pid = std::process::id();
+        let before = cpu_time(pid).unwrap_or_default();
+        assert!(before.machine > 0.0, "{before:?}");
+        // Spin until the kernel has charged this process at least five ticks.
+        let mut now = before;
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        while now.process - before.process < 0.05 && std::time::Instant::now() < give_up {
+            std::hint::black_box((0..100_000u64).sum::<u64>());
+            now = cpu_time(pid).unwrap_or_default();
+        }
+        let used = now.process - before.process;
+        assert!(used >= 0.05, "charged {used} s");
+        assert!(
+            now.machine - before.machine >= used / 2.0,
+            "{before:?} {now:?}"
+        );
     }
 }
