@@ -5,7 +5,7 @@ use std::io::{BufWriter, Write};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -151,27 +151,8 @@ fn writer_thread(sink: impl Write + Send + 'static) -> std::io::Result<(LogWrite
     let thread = std::thread::Builder::new()
         .name("hindsight-log".into())
         .spawn(move || {
+            write_until_stopped(&lines, &mut out);
             // A write error has nowhere to be reported: the lines are lost, not the process.
-            'quiet: while let Ok(first) = lines.recv() {
-                let mut next = Some(first);
-                loop {
-                    while let Some(message) = next.take().or_else(|| lines.try_recv().ok()) {
-                        match message {
-                            Message::Line(line) => {
-                                let _ = out.write_all(&line);
-                            }
-                            Message::Stop => break 'quiet,
-                        }
-                    }
-                    let _ = out.flush();
-                    std::thread::sleep(GATHER);
-                    match lines.try_recv() {
-                        Ok(message) => next = Some(message),
-                        Err(TryRecvError::Empty) => continue 'quiet,
-                        Err(TryRecvError::Disconnected) => break 'quiet,
-                    }
-                }
-            }
             let _ = out.flush();
             let _ = done.send(());
         })?;
@@ -183,6 +164,29 @@ fn writer_thread(sink: impl Write + Send + 'static) -> std::io::Result<(LogWrite
         }),
     };
     Ok((LogWriter { queue: Some(queue) }, guard))
+}
+
+/// The writer thread's loop (see [`writer_thread`]): returns at [`Message::Stop`], or
+/// when every writer is gone.
+fn write_until_stopped(lines: &Receiver<Message>, out: &mut impl Write) {
+    // Quiet: sleep on the queue until a line comes.
+    while let Ok(first) = lines.recv() {
+        // Lines coming: write what is queued, then let more gather on a timer.
+        let mut waiting = Some(first);
+        while let Some(first) = waiting {
+            for message in std::iter::once(first).chain(lines.try_iter()) {
+                match message {
+                    Message::Line(line) => {
+                        let _ = out.write_all(&line);
+                    }
+                    Message::Stop => return,
+                }
+            }
+            let _ = out.flush();
+            std::thread::sleep(GATHER);
+            waiting = lines.try_recv().ok();
+        }
+    }
 }
 
 #[cfg(test)]
