@@ -3,12 +3,14 @@
 use std::ops::Deref;
 use std::sync::Arc;
 
+use hindsight_commands::statements::Lent;
 use hindsight_commands::CommandBus;
 use hindsight_projections::progress::ProjectionProgress;
 use sqlx::PgPool;
 
 use crate::access::AccessCache;
 use crate::auth::Tokens;
+use crate::error::ApiError;
 use crate::password::Passwords;
 use crate::rate_limit::RateLimits;
 use crate::routes::auth::LoginThrottle;
@@ -50,6 +52,18 @@ pub struct Services {
     pub rate_limits: Option<Arc<RateLimits>>,
     /// Signs and checks the integrity checkpoints.
     pub integrity_key: Arc<hindsight_commands::integrity::IntegrityKey>,
+}
+
+impl Services {
+    /// A connection for a read that is one statement, handed back with
+    /// [`Lent::give_back`] (see [`hindsight_commands::statements`]).
+    pub async fn lend(&self) -> Result<Lent, ApiError> {
+        self.commands
+            .statements()
+            .acquire()
+            .await
+            .map_err(ApiError::from_sqlx)
+    }
 }
 
 /// The HTTP layer's own settings, taken from the configuration at start-up.

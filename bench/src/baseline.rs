@@ -2,11 +2,13 @@
 //! on this machine, through the same driver, at the same concurrency.
 
 use std::future::Future;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Result;
+use hindsight_commands::statements::StatementPool;
 use serde_json::json;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -27,11 +29,25 @@ async fn pool(url: &str, connections: usize) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(connections as u32)
         .min_connections(connections as u32)
-        // A raw client sends its statement and nothing else (sqlx would otherwise check
-        // each connection with a round trip of its own when handing it out).
-        .test_before_acquire(false)
         .connect(url)
         .await?)
+}
+
+/// Connections for the raw clients. A raw client sends its statement and nothing else, as
+/// a pgbench client on a connection of its own does: sqlx's pool would check each
+/// connection with a round trip of its own when handing it out and again when it comes
+/// back, so the clients borrow from the pool the server's statements use, which does
+/// neither. Every connection is opened before the clock starts.
+async fn connections(url: &str, connections: usize) -> Result<StatementPool> {
+    let pool = StatementPool::new(PgConnectOptions::from_str(url)?, connections as u32);
+    let mut opened = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        opened.push(pool.acquire().await?);
+    }
+    for connection in opened {
+        connection.give_back(Ok::<(), sqlx::Error>(()))?;
+    }
+    Ok(pool)
 }
 
 /// Single-row inserts of an event-sized row, each its own transaction (so each waits for
@@ -42,8 +58,10 @@ pub async fn raw_inserts(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Sample> {
-    let pool = pool(url, clients).await?;
-    sqlx::query(RAW_EVENTS).execute(&pool).await?;
+    let pool = connections(url, clients).await?;
+    let mut connection = pool.acquire().await?;
+    let created = sqlx::query(RAW_EVENTS).execute(&mut *connection).await;
+    connection.give_back(created)?;
     let payload = json!({"ProductRestocked": {"quantity": 1}});
     let metadata = json!({
         "actor_id": Uuid::now_v7().to_string(),
@@ -58,6 +76,10 @@ pub async fn raw_inserts(
         let payload = payload.clone();
         let metadata = metadata.clone();
         async move {
+            let mut connection = match pool.acquire().await {
+                Ok(connection) => connection,
+                Err(error) => return Outcome::Failed(error.to_string()),
+            };
             let result = sqlx::query(
                 "INSERT INTO bench_raw_events \
                  (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -67,9 +89,9 @@ pub async fn raw_inserts(
             .bind(iteration as i64 + 1)
             .bind(payload)
             .bind(metadata)
-            .execute(&pool)
+            .execute(&mut *connection)
             .await;
-            match result {
+            match connection.give_back(result) {
                 Ok(_) => Outcome::Ok(None),
                 Err(error) => Outcome::Failed(error.to_string()),
             }
@@ -88,7 +110,7 @@ pub async fn raw_point_reads(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Sample> {
-    let pool = pool(url, clients).await?;
+    let pool = connections(url, clients).await?;
     let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
         point_read(&pool, &products, client * 7919 + iteration as usize)
     })
@@ -106,7 +128,7 @@ pub async fn raw_point_reads_at(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Sample> {
-    let pool = pool(url, connections).await?;
+    let pool = self::connections(url, connections).await?;
     let sample = open_loop(rate, connections, warmup, duration, move |k| {
         point_read(&pool, &products, k as usize * 7919)
     })
@@ -115,17 +137,21 @@ pub async fn raw_point_reads_at(
 }
 
 fn point_read(
-    pool: &PgPool,
+    pool: &StatementPool,
     products: &[Uuid],
     k: usize,
 ) -> impl Future<Output = Outcome> + Send + 'static {
     let (pool, id) = (pool.clone(), products[k % products.len()]);
     async move {
+        let mut connection = match pool.acquire().await {
+            Ok(connection) => connection,
+            Err(error) => return Outcome::Failed(error.to_string()),
+        };
         let result = sqlx::query("SELECT * FROM product_views WHERE id = $1")
             .bind(id)
-            .fetch_optional(&pool)
+            .fetch_optional(&mut *connection)
             .await;
-        match result {
+        match connection.give_back(result) {
             Ok(Some(_)) => Outcome::Ok(None),
             Ok(None) => Outcome::Failed("no such product row".into()),
             Err(error) => Outcome::Failed(error.to_string()),

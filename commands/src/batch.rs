@@ -29,10 +29,10 @@ use hindsight_domain::order::Order;
 use hindsight_domain::product::Product;
 use hindsight_domain::user::User;
 use hindsight_domain::{self as domain, DomainEvent as _};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
+use crate::statements::StatementPool;
 use crate::store::{classify_append, AggregateStore, AppendFailure, Held, Refusal, StoreError};
 use crate::CommandBus;
 
@@ -270,7 +270,7 @@ impl<'a> Batch<'a> {
         let mut positions = HashMap::new();
         let mut last = None;
         if !rows.is_empty() {
-            match insert_rows(bus.pool(), rows).await? {
+            match insert_rows(bus.statements(), rows).await? {
                 Ok(appended) => {
                     last = appended.iter().map(|(_, _, position)| *position).max();
                     positions = appended
@@ -309,13 +309,14 @@ impl<'a> Batch<'a> {
 /// order and extend each stream's hash chain as for a single event. Also the statement
 /// of a single command that decides more than one event.
 pub(crate) async fn insert_rows(
-    pool: &PgPool,
+    statements: &StatementPool,
     rows: Vec<Row>,
 ) -> Result<Result<Vec<(String, String, i64)>, AppendFailure>, StoreError> {
     let mut columns = Columns::with_capacity(rows.len());
     for row in rows {
         columns.push(row);
     }
+    let mut connection = statements.acquire().await?;
     let result = sqlx::query_as::<_, (String, String, i64)>(
         "WITH appended AS ( \
              INSERT INTO events \
@@ -338,9 +339,9 @@ pub(crate) async fn insert_rows(
     .bind(columns.event_versions)
     .bind(columns.payloads)
     .bind(columns.metadata)
-    .fetch_all(pool)
+    .fetch_all(&mut *connection)
     .await;
-    match result {
+    match connection.give_back(result) {
         Ok(appended) => Ok(Ok(appended)),
         Err(error) => classify_append(error).map(Err),
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use hindsight_domain::{order::Order, product::Product, user::User};
 use sqlx::PgPool;
+use statements::StatementPool;
 use wakeup::AppendSignal;
 
 pub mod aggregate;
@@ -23,6 +24,7 @@ pub mod history;
 pub mod integrity;
 pub mod metadata;
 pub mod relay;
+pub mod statements;
 pub mod store;
 pub mod turns;
 pub mod upcast;
@@ -39,19 +41,40 @@ pub struct CommandBus {
     pub products: Arc<AggregateStore<Product>>,
     pub orders: Arc<AggregateStore<Order>>,
     pool: PgPool,
+    statements: StatementPool,
     appends: AppendSignal,
     /// Held by the one [`batch::Batch`] that may run at a time.
     batching: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl CommandBus {
+    /// A bus on `pool`, with a [`StatementPool`] of the same size beside it for the
+    /// statements a command runs on their own (its append, the checks of a cached
+    /// aggregate's version).
     pub fn new(pool: PgPool, settings: StoreSettings) -> Self {
         let appends = AppendSignal::new(pool.clone());
+        let statements = StatementPool::beside(&pool);
         Self {
-            users: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
-            products: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
-            orders: Arc::new(AggregateStore::new(pool.clone(), settings, appends.clone())),
+            users: Arc::new(AggregateStore::new(
+                pool.clone(),
+                statements.clone(),
+                settings,
+                appends.clone(),
+            )),
+            products: Arc::new(AggregateStore::new(
+                pool.clone(),
+                statements.clone(),
+                settings,
+                appends.clone(),
+            )),
+            orders: Arc::new(AggregateStore::new(
+                pool.clone(),
+                statements.clone(),
+                settings,
+                appends.clone(),
+            )),
             pool,
+            statements,
             appends,
             batching: Arc::default(),
         }
@@ -65,5 +88,11 @@ impl CommandBus {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The pool for statements that run on their own (see [`statements`]); the API's
+    /// reads share it.
+    pub fn statements(&self) -> &StatementPool {
+        &self.statements
     }
 }

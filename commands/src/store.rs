@@ -43,6 +43,7 @@ use uuid::Uuid;
 use crate::aggregate::EventSourced;
 use crate::batch::{insert_rows, Row};
 use crate::metadata::EventMetadata;
+use crate::statements::StatementPool;
 use crate::turns::{Turn, Turns};
 use crate::upcast::Upcaster;
 use crate::wakeup::AppendSignal;
@@ -250,7 +251,8 @@ enum Start {
 /// The write path of one aggregate type.
 pub struct AggregateStore<A: domain::Aggregate> {
     store: PersistedEventStore<PostgresEventRepository, EventSourced<A>>,
-    pool: PgPool,
+    /// For the statements a command runs on their own; cold loads go through `store`.
+    statements: StatementPool,
     settings: StoreSettings,
     appends: AppendSignal,
     cache: Mutex<LruCache<Uuid, Entry<A>>>,
@@ -268,14 +270,19 @@ impl<A: domain::Aggregate> std::fmt::Debug for AggregateStore<A> {
 }
 
 impl<A: domain::Aggregate> AggregateStore<A> {
-    pub fn new(pool: PgPool, settings: StoreSettings, appends: AppendSignal) -> Self {
-        let repository = PostgresEventRepository::new(pool.clone());
+    pub fn new(
+        pool: PgPool,
+        statements: StatementPool,
+        settings: StoreSettings,
+        appends: AppendSignal,
+    ) -> Self {
+        let repository = PostgresEventRepository::new(pool);
         let store =
             PersistedEventStore::new_snapshot_store(repository, settings.snapshot_every.max(1))
                 .with_upcasters(vec![Box::new(Upcaster::for_aggregate(A::TYPE))]);
         Self {
             store,
-            pool,
+            statements,
             cache: Mutex::new(LruCache::new(settings.cache_capacity.max(1))),
             settings,
             appends,
@@ -344,11 +351,13 @@ impl<A: domain::Aggregate> AggregateStore<A> {
 
     /// The store's current version of an aggregate (one index lookup).
     async fn current_version(&self, id: Uuid) -> Result<u64, StoreError> {
-        let version: Option<i64> = sqlx::query_scalar(CURRENT_VERSION)
+        let mut connection = self.statements.acquire().await?;
+        let version = sqlx::query_scalar::<_, i64>(CURRENT_VERSION)
             .bind(A::TYPE)
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(&mut *connection)
+            .await;
+        let version = connection.give_back(version)?;
         Ok(version.unwrap_or(0) as u64)
     }
 
@@ -646,7 +655,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             for (sequence, event) in (version + 1..).zip(events) {
                 rows.push(Row::new::<A>(id, sequence, event, &metadata)?);
             }
-            let appended = match insert_rows(&self.pool, rows).await? {
+            let appended = match insert_rows(&self.statements, rows).await? {
                 Ok(appended) => appended,
                 Err(failure) => return Ok(Err(failure)),
             };
@@ -657,6 +666,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         };
         let payload =
             serde_json::to_value(event).map_err(|error| StoreError::Database(Box::new(error)))?;
+        let mut connection = self.statements.acquire().await?;
         let result = sqlx::query_scalar::<_, i64>(
             "INSERT INTO events \
                  (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -669,9 +679,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         .bind(event.event_version())
         .bind(payload)
         .bind(&metadata)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *connection)
         .await;
-        match result {
+        match connection.give_back(result) {
             Ok(position) => Ok(Ok(position)),
             Err(error) => classify_append(error).map(Err),
         }
@@ -702,9 +712,14 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         .bind(id.to_string())
         .bind(entry.version as i64)
         .bind((entry.version / every) as i64)
-        .bind(payload)
-        .execute(&self.pool)
-        .await;
+        .bind(payload);
+        let result = match self.statements.acquire().await {
+            Ok(mut connection) => {
+                let result = result.execute(&mut *connection).await;
+                connection.give_back(result)
+            }
+            Err(error) => Err(error),
+        };
         if let Err(error) = result {
             tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not recorded");
         }
@@ -715,15 +730,17 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         if sequence == 0 {
             return Ok(0);
         }
-        let position: Option<i64> = sqlx::query_scalar(
+        let mut connection = self.statements.acquire().await?;
+        let position = sqlx::query_scalar::<_, i64>(
             "SELECT position FROM events \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
         )
         .bind(A::TYPE)
         .bind(id.to_string())
         .bind(sequence as i64)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(&mut *connection)
+        .await;
+        let position = connection.give_back(position)?;
         position.ok_or_else(|| {
             StoreError::Corrupt(format!("event {sequence} of {} {id} is missing", A::TYPE).into())
         })

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use hindsight_commands::statements::StatementError;
 use hindsight_commands::StoredEvent;
 use hindsight_domain::values::{Currency, Money};
 use serde::de::DeserializeOwned;
@@ -26,6 +27,16 @@ pub enum QueryError {
     InvalidCursor,
     #[error("read-model query failed: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl StatementError for QueryError {
+    fn leaves_connection_ready(&self) -> bool {
+        match self {
+            // Refused before any statement was sent.
+            QueryError::InvalidCursor => true,
+            QueryError::Database(error) => error.leaves_connection_ready(),
+        }
+    }
 }
 
 /// One page of a list, as the API answers it.

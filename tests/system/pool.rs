@@ -1,7 +1,12 @@
 //! The connection pool checks a connection with a round trip only when it has been idle
 //! for a while, and that check must still replace connections the database cut meanwhile.
+//! The statement pool hands a connection back without a check when its statement ran to
+//! its end, and closes one whose statement may be half-way.
+
+use std::time::Duration;
 
 use hindsight_commands::db::CHECK_AFTER_IDLE;
+use hindsight_commands::statements::{Lent, StatementPool};
 use hindsight_tests::TestDb;
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
@@ -62,4 +67,129 @@ async fn connections_cut_while_idle_are_replaced_before_use() {
             "session {now} was terminated, yet handed out"
         );
     }
+}
+
+// The pool for statements that run on their own (`hindsight_commands::statements`).
+
+async fn lent_pid(connection: &mut Lent) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **connection)
+        .await
+}
+
+async fn session_exists(db: &TestDb, pid: i32) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+        .bind(pid)
+        .fetch_one(&db.pool)
+        .await
+        .expect("pg_stat_activity answers")
+}
+
+#[tokio::test]
+async fn a_statement_pool_connection_goes_back_at_once_after_its_statement() {
+    let db = TestDb::new().await;
+    let statements = StatementPool::new(db.connect_options(), 1);
+    let mut lent = statements.acquire().await.expect("a connection");
+    let pid = lent_pid(&mut lent).await;
+    let first = lent.give_back(pid).expect("the statement runs");
+    // Back without a round trip of its own: idle the moment it was given back.
+    assert_eq!(statements.idle(), 1);
+
+    let mut lent = statements.acquire().await.expect("the connection again");
+    assert_eq!(statements.idle(), 0);
+    let pid = lent_pid(&mut lent).await;
+    assert_eq!(lent.give_back(pid).expect("it answers"), first);
+
+    // A statement the database refuses still reads its answer to the end: the same
+    // connection goes back and serves the next statement.
+    let mut lent = statements.acquire().await.expect("a connection");
+    let refused = sqlx::query_scalar::<_, i32>("SELECT 1 / 0")
+        .fetch_one(&mut *lent)
+        .await;
+    let refused = lent.give_back(refused);
+    assert!(
+        matches!(&refused, Err(sqlx::Error::Database(_))),
+        "division by zero is refused: {refused:?}"
+    );
+    assert_eq!(statements.idle(), 1);
+    let mut lent = statements.acquire().await.expect("a connection");
+    let pid = lent_pid(&mut lent).await;
+    assert_eq!(lent.give_back(pid).expect("it answers"), first);
+    statements.close().await;
+}
+
+#[tokio::test]
+async fn a_statement_pool_connection_dropped_mid_statement_is_closed_not_lent_again() {
+    let db = TestDb::new().await;
+    let statements = StatementPool::new(db.connect_options(), 1);
+    let mut lent = statements.acquire().await.expect("a connection");
+    let cancelled_pid = lent_pid(&mut lent).await.expect("it answers");
+    // A request cancelled while its statement runs drops the loan half-way.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(200),
+        sqlx::query("SELECT pg_sleep(2)").execute(&mut *lent),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the statement was still running");
+    drop(lent);
+    assert_eq!(statements.idle(), 0, "a half-used connection is not kept");
+
+    // The pool's one place frees once the connection is closed; the next loan is a new
+    // session, which answers its own statement.
+    let mut lent = tokio::time::timeout(Duration::from_secs(3), statements.acquire())
+        .await
+        .expect("the place frees")
+        .expect("a new connection");
+    let pid = lent_pid(&mut lent).await;
+    let pid = lent.give_back(pid).expect("the new connection answers");
+    assert_ne!(pid, cancelled_pid);
+    hindsight_tests::eventually(10, "the cancelled session ends", || async {
+        !session_exists(&db, cancelled_pid).await
+    })
+    .await;
+    statements.close().await;
+}
+
+#[tokio::test]
+async fn a_statement_pool_lends_at_most_its_size_and_replaces_connections_cut_while_idle() {
+    let db = TestDb::new().await;
+    let statements = StatementPool::new(db.connect_options(), 2);
+    let mut first = statements.acquire().await.expect("a connection");
+    let mut second = statements.acquire().await.expect("a second connection");
+    let waiting = tokio::time::timeout(Duration::from_millis(300), statements.acquire()).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was lent beyond the size of two"
+    );
+
+    let first_pid = lent_pid(&mut first).await;
+    let first_pid = first.give_back(first_pid).expect("it answers");
+    let second_pid = lent_pid(&mut second).await;
+    let second_pid = second.give_back(second_pid).expect("it answers");
+    assert_eq!(statements.idle(), 2);
+
+    // The database ends both sessions while they are idle, as a restart would.
+    let terminated: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+            .bind(vec![first_pid, second_pid])
+            .fetch_all(&db.pool)
+            .await
+            .expect("terminate the sessions");
+    assert_eq!(terminated, vec![true, true]);
+    tokio::time::sleep(CHECK_AFTER_IDLE + Duration::from_millis(300)).await;
+
+    let mut lent = statements.acquire().await.expect("a live connection");
+    let pid = lent_pid(&mut lent).await;
+    let pid = lent
+        .give_back(pid)
+        .expect("a connection idle past the check is live when lent");
+    assert!(
+        pid != first_pid && pid != second_pid,
+        "session {pid} was terminated, yet lent"
+    );
+    statements.close().await;
+    assert!(
+        matches!(statements.acquire().await, Err(sqlx::Error::PoolClosed)),
+        "a closed pool lends nothing"
+    );
 }

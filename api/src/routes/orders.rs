@@ -192,7 +192,9 @@ async fn list(
         status: query.status,
         customer_id: customer_id.map(UserId::from_uuid),
     };
-    let body = orders::list(&state.pool, &filter, &page).await?;
+    let mut connection = state.lend().await?;
+    let body = orders::list(&mut *connection, &filter, &page).await;
+    let body = connection.give_back(body)?;
     Ok(ReadAnswer {
         body,
         projection_position: position,
@@ -207,9 +209,9 @@ async fn one(
     ApiQuery(at): ApiQuery<MinPosition>,
 ) -> Result<ReadAnswer<OrderView>, ApiError> {
     let position = at.wait(&state, PROJECTION).await?;
-    let order = orders::get(&state.pool, OrderId::from_uuid(id))
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let mut connection = state.lend().await?;
+    let order = orders::get(&mut *connection, OrderId::from_uuid(id)).await;
+    let order = connection.give_back(order)?.ok_or(ApiError::NotFound)?;
     if user.role == Role::Customer && order.customer_id.as_uuid() != user.id {
         return Err(ApiError::NotFound);
     }

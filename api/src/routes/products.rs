@@ -109,7 +109,9 @@ async fn list(
         min_price: query.min_price,
         max_price: query.max_price,
     };
-    let body = products::list(&state.pool, &filter, sort, &page).await?;
+    let mut connection = state.lend().await?;
+    let body = products::list(&mut *connection, &filter, sort, &page).await;
+    let body = connection.give_back(body)?;
     Ok(ReadAnswer {
         body,
         projection_position: position,
@@ -123,9 +125,9 @@ async fn one(
     ApiQuery(at): ApiQuery<MinPosition>,
 ) -> Result<ReadAnswer<ProductView>, ApiError> {
     let position = at.wait(&state, PROJECTION).await?;
-    let product = products::get(&state.pool, ProductId::from_uuid(id))
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let mut connection = state.lend().await?;
+    let product = products::get(&mut *connection, ProductId::from_uuid(id)).await;
+    let product = connection.give_back(product)?.ok_or(ApiError::NotFound)?;
     Ok(ReadAnswer {
         version: Some(product.version),
         body: product,

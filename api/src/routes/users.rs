@@ -48,9 +48,9 @@ async fn read_one(
     at: MinPosition,
 ) -> Result<ReadAnswer<UserView>, ApiError> {
     let position = at.wait(state, PROJECTION).await?;
-    let user = users::get(&state.pool, UserId::from_uuid(id))
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let mut connection = state.lend().await?;
+    let user = users::get(&mut *connection, UserId::from_uuid(id)).await;
+    let user = connection.give_back(user)?.ok_or(ApiError::NotFound)?;
     Ok(ReadAnswer {
         version: Some(user.version),
         body: user,
@@ -238,7 +238,9 @@ async fn list(
         role: query.role,
         status: query.status,
     };
-    let users = users::list(&state.pool, &filter, &page).await?;
+    let mut connection = state.lend().await?;
+    let users = users::list(&mut *connection, &filter, &page).await;
+    let users = connection.give_back(users)?;
     Ok(ReadAnswer {
         body: users,
         projection_position: position,
