@@ -253,14 +253,10 @@ impl Relay {
         self.ensure_stream().await?;
         let mut published = self.checkpoint().await?;
         let mut wait = None;
-        let mut last_leader_check = tokio::time::Instant::now();
         loop {
-            let round = self.round(&mut published, &mut wait).await?;
-            if last_leader_check.elapsed() > Duration::from_secs(2) {
-                // A lost session means a lost lock: stop before someone else starts.
-                leader.ping().await?;
-                last_leader_check = tokio::time::Instant::now();
-            }
+            // Every round reads on the leader's session: a lost session (a lost lock)
+            // fails it, and the relay stops before someone else starts.
+            let round = self.round(leader, &mut published, &mut wait).await?;
             let pause = match round {
                 Round::Published(_) => continue,
                 Round::Idle {
@@ -294,9 +290,12 @@ impl Relay {
     }
 
     /// Reads what follows the checkpoint, publishes the publishable prefix, and moves
-    /// the checkpoint past what JetStream acknowledged.
+    /// the checkpoint past what JetStream acknowledged. The statements run on the leader's
+    /// own session: a pooled connection would cost a check with a round trip each time it
+    /// went back to the pool, and a broken session ends the leadership all the same.
     async fn round(
         &self,
+        leader: &mut PgConnection,
         published: &mut i64,
         wait: &mut Option<GapWait>,
     ) -> Result<Round, RelayError> {
@@ -307,7 +306,7 @@ impl Relay {
         ))
         .bind(*published)
         .bind(self.settings.batch_size)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *leader)
         .await?;
         let Some(first) = rows.first() else {
             return Ok(Round::Idle {
@@ -328,7 +327,7 @@ impl Relay {
             // Drawn after the snapshot, so newer than any id a transaction holding a
             // missing position can have.
             let horizon: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *leader)
                 .await?;
             *wait = Some(GapWait {
                 horizon: xid(&horizon)?,
@@ -342,7 +341,7 @@ impl Relay {
         }
         let acknowledged = self.publish(*published, &events[..publishable]).await;
         if let Some(position) = acknowledged.last_acknowledged {
-            save_checkpoint(&self.pool, &self.settings.stream, position).await?;
+            save_checkpoint(&mut *leader, &self.settings.stream, position).await?;
             *published = position;
         }
         match acknowledged.error {
@@ -434,7 +433,11 @@ pub async fn checkpoint(pool: &PgPool, stream: &str) -> Result<i64, sqlx::Error>
     Ok(position.unwrap_or(0))
 }
 
-async fn save_checkpoint(pool: &PgPool, stream: &str, position: i64) -> Result<(), sqlx::Error> {
+async fn save_checkpoint(
+    connection: &mut PgConnection,
+    stream: &str,
+    position: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO relay_checkpoints (stream, position) VALUES ($1, $2) \
          ON CONFLICT (stream) DO UPDATE \
@@ -442,7 +445,7 @@ async fn save_checkpoint(pool: &PgPool, stream: &str, position: i64) -> Result<(
     )
     .bind(stream)
     .bind(position)
-    .execute(pool)
+    .execute(connection)
     .await?;
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! event store, which is the source of truth. Only one worker per read model is active at
 //! a time (a session advisory lock per read model), so order holds with several
 //! processes; the checkpoint rows are locked by every apply transaction as a second guard.
+//! Once caught up, a worker runs its transactions on the session that holds its locks: a
+//! pooled connection costs a check with a round trip each time it goes back to the pool.
 //! A member whose checkpoint another transaction holds (a rebuild swapping its tables in)
 //! is skipped rather than waited for, and catches up from the store once it is free.
 //! A batch of which no event concerns a member ([`ReadModel::concerns`]: the order
@@ -33,9 +35,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
-use hindsight_commands::event::{read_events, StoredEvent};
+use hindsight_commands::event::{read_events_on, StoredEvent};
 use hindsight_commands::relay::{self, HEADER_POSITION, HEADER_PREVIOUS_POSITION};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgExecutor, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::read_model::{ApplyError, ReadModel};
@@ -202,12 +204,15 @@ pub struct Checkpoint {
 }
 
 /// Reads a projection's checkpoint row (`None` if it never ran).
-pub async fn checkpoint(pool: &PgPool, name: &str) -> Result<Option<Checkpoint>, sqlx::Error> {
+pub async fn checkpoint(
+    executor: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<Checkpoint>, sqlx::Error> {
     let row: Option<(i64, String, Option<String>)> = sqlx::query_as(
         "SELECT position, status, last_error FROM projection_checkpoints WHERE name = $1",
     )
     .bind(name)
-    .fetch_optional(pool)
+    .fetch_optional(executor)
     .await?;
     Ok(row.map(|(position, status, last_error)| Checkpoint {
         position,
@@ -418,7 +423,7 @@ impl ProjectionWorker {
                 >= QUIET_CHECKPOINT_DELAY
             {
                 // Rows still held (a rebuild's swap) are tried again after another delay.
-                self.store_quiet(&mut members).await?;
+                self.store_quiet(leader, &mut members).await?;
                 quiet_since = None;
                 continue;
             }
@@ -426,7 +431,8 @@ impl ProjectionWorker {
                 .iter()
                 .any(|member| member.applied < at || !member.marked_live);
             if behind && laggards_tried.elapsed() >= LAGGARD_RETRY {
-                self.catch_up_laggards(&mut members, running, at).await?;
+                self.catch_up_laggards(leader, &mut members, running, at)
+                    .await?;
                 self.mark_live(&mut members).await?;
                 laggards_tried = tokio::time::Instant::now();
                 if members.is_empty() {
@@ -437,7 +443,7 @@ impl ProjectionWorker {
             let quiet_due = quiet_since.map(|since| since + QUIET_CHECKPOINT_DELAY);
             let chunk = tokio::select! {
                 () = shutdown.cancelled() => {
-                    self.store_quiet(&mut members).await?;
+                    self.store_quiet(leader, &mut members).await?;
                     return Ok(());
                 }
                 chunk = messages.next() => chunk,
@@ -464,7 +470,7 @@ impl ProjectionWorker {
                 last_message = Some(message);
             }
             at = self
-                .apply_delivered(&mut members, running, at, delivered)
+                .apply_delivered(leader, &mut members, running, at, delivered)
                 .await?;
             if members.is_empty() {
                 return Ok(());
@@ -518,20 +524,27 @@ impl ProjectionWorker {
     }
 
     /// Applies everything in the store up to `up_to` (a position the relay published) to
-    /// one read model, on its own; answers the checkpoint reached.
+    /// one read model, on its own, on a pooled connection of its own (the members catch
+    /// up side by side); answers the checkpoint reached.
     async fn apply_store_range(
         &self,
         model: &Arc<dyn ReadModel>,
         up_to: i64,
     ) -> Result<i64, WorkerError> {
-        let mut position = checkpoint(&self.pool, model.name())
+        let mut connection = self.pool.acquire().await?;
+        let mut position = checkpoint(&mut *connection, model.name())
             .await?
             .map_or(0, |checkpoint| checkpoint.position);
         while position < up_to {
-            let events =
-                read_events(&self.pool, position, up_to, self.settings.catch_up_batch).await?;
+            let events = read_events_on(
+                &mut connection,
+                position,
+                up_to,
+                self.settings.catch_up_batch,
+            )
+            .await?;
             let last = events.last().map_or(up_to, |event| event.position);
-            self.commit_with_retries(model, position, &events, last)
+            self.commit_with_retries(&mut connection, model, position, &events, last)
                 .await?;
             position = last;
         }
@@ -543,6 +556,7 @@ impl ProjectionWorker {
     /// the rest. Answers the position reached.
     async fn apply_delivered(
         &self,
+        connection: &mut PgConnection,
         members: &mut Vec<Member>,
         running: &mut Vec<Arc<dyn ReadModel>>,
         at: i64,
@@ -555,7 +569,7 @@ impl ProjectionWorker {
                 continue;
             }
             if previous > reached {
-                let missing = read_events(&self.pool, reached, previous, i64::MAX).await?;
+                let missing = read_events_on(connection, reached, previous, i64::MAX).await?;
                 events.extend(missing);
             }
             reached = event.position;
@@ -570,14 +584,18 @@ impl ProjectionWorker {
             .filter(|(_, member)| member.applied == at)
             .map(|(index, _)| index)
             .collect();
-        self.advance(members, running, due, &events, reached)
+        self.advance(connection, members, running, due, &events, reached)
             .await?;
         Ok(reached)
     }
 
     /// Writes the checkpoints that trail what their members passed by, in one transaction
     /// per position (normally one). A member whose row is held stays behind.
-    async fn store_quiet(&self, members: &mut [Member]) -> Result<(), WorkerError> {
+    async fn store_quiet(
+        &self,
+        connection: &mut PgConnection,
+        members: &mut [Member],
+    ) -> Result<(), WorkerError> {
         let mut positions: Vec<i64> = members
             .iter()
             .filter(|member| member.trails())
@@ -589,7 +607,10 @@ impl ProjectionWorker {
             let due: Vec<usize> = (0..members.len())
                 .filter(|&index| members[index].stored < to && members[index].applied == to)
                 .collect();
-            for index in self.commit_together(members, &due, &[], to).await? {
+            for index in self
+                .commit_together(connection, members, &due, &[], to)
+                .await?
+            {
                 members[index].committed(to);
             }
         }
@@ -624,6 +645,7 @@ impl ProjectionWorker {
     /// are free to take.
     async fn catch_up_laggards(
         &self,
+        connection: &mut PgConnection,
         members: &mut Vec<Member>,
         running: &mut Vec<Arc<dyn ReadModel>>,
         at: i64,
@@ -636,9 +658,9 @@ impl ProjectionWorker {
                 continue;
             }
             let name = members[index].name();
-            let events = read_events(&self.pool, from, at, self.settings.catch_up_batch).await?;
+            let events = read_events_on(connection, from, at, self.settings.catch_up_batch).await?;
             let to = events.last().map_or(at, |event| event.position);
-            self.advance(members, running, vec![index], &events, to)
+            self.advance(connection, members, running, vec![index], &events, to)
                 .await?;
             match members.get(index) {
                 // Still there and moved: go on with it.
@@ -660,6 +682,7 @@ impl ProjectionWorker {
     /// [`Self::catch_up_laggards`].
     async fn advance(
         &self,
+        connection: &mut PgConnection,
         members: &mut Vec<Member>,
         running: &mut Vec<Arc<dyn ReadModel>>,
         due: Vec<usize>,
@@ -677,7 +700,10 @@ impl ProjectionWorker {
         if due.is_empty() {
             return Ok(());
         }
-        let error = match self.commit_together(members, &due, events, to).await {
+        let error = match self
+            .commit_together(connection, members, &due, events, to)
+            .await
+        {
             Ok(committed) => {
                 for index in committed {
                     members[index].committed(to);
@@ -695,6 +721,7 @@ impl ProjectionWorker {
             let member = &members[index];
             let result = self
                 .commit_with_retries(
+                    connection,
                     &member.model,
                     member.stored,
                     after(events, member.applied),
@@ -721,13 +748,28 @@ impl ProjectionWorker {
     /// passed, advance them to `to`, notify, commit. Answers the members it moved.
     async fn commit_together(
         &self,
+        connection: &mut PgConnection,
+        members: &[Member],
+        due: &[usize],
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<Vec<usize>, CommitError> {
+        let outcome = self
+            .try_commit_together(connection, members, due, events, to)
+            .await;
+        rolled_back_if_failed(connection, outcome).await
+    }
+
+    async fn try_commit_together(
+        &self,
+        connection: &mut PgConnection,
         members: &[Member],
         due: &[usize],
         events: &[StoredEvent],
         to: i64,
     ) -> Result<Vec<usize>, CommitError> {
         let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
-        let mut tx = hindsight_commands::db::begin(&self.pool).await?;
+        let mut tx = connection.begin().await?;
         // See `commit` on why read-model batches do not wait for their WAL flush.
         let locked: Vec<(String, i64, String)> = sqlx::query_as(
             "SELECT name, position, set_config('synchronous_commit', 'off', true) \
@@ -781,6 +823,7 @@ impl ProjectionWorker {
     /// event up to the poison event and marks the projection failed there.
     async fn commit_with_retries(
         &self,
+        connection: &mut PgConnection,
         model: &Arc<dyn ReadModel>,
         from: i64,
         events: &[StoredEvent],
@@ -788,7 +831,7 @@ impl ProjectionWorker {
     ) -> Result<(), WorkerError> {
         let mut last_error = None;
         for attempt in 1..=self.settings.max_attempts.max(1) {
-            match self.commit(model, from, events, to).await {
+            match self.commit(connection, model, from, events, to).await {
                 Ok(()) => return Ok(()),
                 // Not the events' fault: give up this round and let the lead loop retry.
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
@@ -810,7 +853,13 @@ impl ProjectionWorker {
         let mut position = from;
         for event in events {
             match self
-                .commit(model, position, std::slice::from_ref(event), event.position)
+                .commit(
+                    connection,
+                    model,
+                    position,
+                    std::slice::from_ref(event),
+                    event.position,
+                )
                 .await
             {
                 Ok(()) => position = event.position,
@@ -818,7 +867,7 @@ impl ProjectionWorker {
                 Err(error) => return self.poisoned(model, event.position, error).await,
             }
         }
-        self.commit(model, position, &[], to)
+        self.commit(connection, model, position, &[], to)
             .await
             .map_err(Into::into)
     }
@@ -847,13 +896,26 @@ impl ProjectionWorker {
     /// is still `from`, apply, advance to `to`, notify, commit.
     async fn commit(
         &self,
+        connection: &mut PgConnection,
+        model: &Arc<dyn ReadModel>,
+        from: i64,
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<(), CommitError> {
+        let outcome = self.try_commit(connection, model, from, events, to).await;
+        rolled_back_if_failed(connection, outcome).await
+    }
+
+    async fn try_commit(
+        &self,
+        connection: &mut PgConnection,
         model: &Arc<dyn ReadModel>,
         from: i64,
         events: &[StoredEvent],
         to: i64,
     ) -> Result<(), CommitError> {
         let name = model.name();
-        let mut tx = hindsight_commands::db::begin(&self.pool).await?;
+        let mut tx = connection.begin().await?;
         // A read model is derived from the events, which are durable before the relay
         // publishes them: its batches need not wait for their own WAL flush. If the
         // database crashes before the flush, the checkpoint goes back with the rows and
@@ -889,6 +951,23 @@ impl ProjectionWorker {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Passes `outcome` on once a failed transaction's rollback has reached the database.
+///
+/// sqlx rolls back a transaction dropped uncommitted by queueing a `ROLLBACK` on the
+/// connection, sent only with the connection's next statement. On the worker's own session
+/// that could be a while, and meanwhile the transaction's row locks would stop others (the
+/// failed status written from the pool, a rebuild's swap); a round trip sends it now. Should
+/// that fail, the session is gone, and its next statement says so.
+async fn rolled_back_if_failed<T>(
+    connection: &mut PgConnection,
+    outcome: Result<T, CommitError>,
+) -> Result<T, CommitError> {
+    if outcome.is_err() {
+        connection.ping().await.ok();
+    }
+    outcome
 }
 
 /// Sleeps until `deadline`, or forever without one.
