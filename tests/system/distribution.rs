@@ -539,6 +539,62 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
     relay_stop.cancel();
 }
 
+/// The sessions holding advisory locks in the test's database: the relay's and each
+/// worker's leader session.
+async fn leader_sessions(db: &TestDb) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+         WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() \
+         ORDER BY l.pid",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_relay_and_a_worker_whose_sessions_are_cut_lead_again_and_lose_or_repeat_nothing() {
+    let (db, stream, relay_stop) = ledger_system().await;
+    let worker_stop = spawn_worker(&db, &stream, ledger_model("ledger", true));
+    let product = create_product(&db, "CUT-1").await;
+    let mut last = 0;
+    for n in 1..=20 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "ledger", last).await;
+    projection_goes_live(&db, "ledger").await;
+
+    // Their statements run on the sessions that hold their locks: the database ends
+    // those sessions (as a failover or an administrator would) while events keep coming.
+    let cut = leader_sessions(&db).await;
+    assert_eq!(cut.len(), 2, "the relay and the worker each lead: {cut:?}");
+    let terminated: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+            .bind(&cut)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(terminated, vec![true, true]);
+    for n in 1..=20 {
+        last = restock(&db, product, n).await;
+    }
+
+    relay_reaches(&db, &stream, last).await;
+    projection_reaches(&db, "ledger", last).await;
+    eventually(20, "both lead again on new sessions", || async {
+        let now = leader_sessions(&db).await;
+        now.len() == 2 && now.iter().all(|pid| !cut.contains(pid))
+    })
+    .await;
+    // Nothing lost, nothing published out of order, nothing applied twice (the ledger's
+    // primary key would refuse it and stop the projection).
+    assert_chain(&stream.messages().await, &committed_positions(&db).await);
+    assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
+    projection_goes_live(&db, "ledger").await;
+    worker_stop.cancel();
+    relay_stop.cancel();
+}
+
 #[tokio::test]
 async fn a_poison_event_stops_only_its_projection_and_a_fixed_restart_resumes() {
     let (db, stream, relay_stop) = ledger_system().await;
