@@ -46,6 +46,9 @@ pub struct Row {
     pub key: String,
     pub unit: &'static str,
     pub baseline: Option<(String, String)>,
+    /// The unit of a baseline that is context in a unit of its own, not a figure to divide
+    /// by (no ratio is given then).
+    pub context_unit: Option<&'static str>,
     /// A target on the ratio to the baseline.
     pub ratio_target: Option<Target>,
     /// A target on the value itself.
@@ -65,6 +68,7 @@ impl Row {
             key: key.into(),
             unit,
             baseline: None,
+            context_unit: None,
             ratio_target: None,
             value_target: None,
         }
@@ -73,6 +77,17 @@ impl Row {
     fn baseline(mut self, name: impl Into<String>, key: impl Into<String>) -> Self {
         self.baseline = Some((name.into(), key.into()));
         self
+    }
+
+    /// A figure of another kind shown beside this one, with its own unit and no ratio.
+    fn context(
+        mut self,
+        name: impl Into<String>,
+        key: impl Into<String>,
+        unit: &'static str,
+    ) -> Self {
+        self.context_unit = Some(unit);
+        self.baseline(name, key)
     }
 
     fn ratio(mut self, target: Target) -> Self {
@@ -152,9 +167,10 @@ pub fn rows() -> Vec<Row> {
                 format!("s1.{kind}.32.server_cpu_us"),
                 "µs",
             )
-            .baseline(
+            .context(
                 "cores busy meanwhile, whole machine",
                 format!("s1.{kind}.32.machine_cores"),
+                "cores",
             ),
         );
     }
@@ -424,8 +440,15 @@ pub fn section(
         } else {
             format!(" {}", row.unit)
         };
-        let (baseline, ratio) = match &row.baseline {
-            Some((name, key)) => {
+        let (baseline, ratio) = match (&row.baseline, row.context_unit) {
+            (Some((name, key)), Some(context_unit)) => (
+                format!(
+                    "{name}: {} {context_unit}",
+                    number(median(&values(runs, key)))
+                ),
+                None,
+            ),
+            (Some((name, key)), None) => {
                 let base = values(runs, key);
                 let ratios: Vec<f64> = runs
                     .iter()
@@ -436,7 +459,7 @@ pub fn section(
                     Some(median(&ratios)),
                 )
             }
-            None => ("–".into(), None),
+            (None, _) => ("–".into(), None),
         };
         let mut targets = Vec::new();
         let mut met = true;
@@ -524,6 +547,22 @@ mod tests {
         assert!(second.contains("analysis"));
         assert!(second.contains("new"));
         assert!(!second.contains("old"));
+    }
+
+    #[test]
+    fn a_context_figure_keeps_its_own_unit_and_gives_no_ratio() {
+        let mut run = Figures::new();
+        run.insert("s1.restock.32.server_cpu_us".into(), 200.0);
+        run.insert("s1.restock.32.machine_cores".into(), 1.95);
+        let text = section(&[], &[], &[run]);
+        let line = text
+            .lines()
+            .find(|line| line.contains("restock, 32 clients: server CPU per command"))
+            .unwrap_or_else(|| panic!("the row is written: {text}"));
+        assert!(
+            line.contains("| 200.0 µs | cores busy meanwhile, whole machine: 1.95 cores | – |"),
+            "{line}"
+        );
     }
 
     #[test]
