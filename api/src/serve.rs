@@ -200,6 +200,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("components did not stop in time; exiting anyway");
     }
     state.pool.close().await;
+    state.commands.statements().close().await;
     tracing::info!("stopped");
     Ok(())
 }
