@@ -170,7 +170,8 @@ pub struct DatabaseArgs {
     /// Postgres connection URL, e.g. postgres://user:password@127.0.0.1:5432/hindsight.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", value_parser = parse_database_url)]
     pub database_url: DatabaseUrl,
-    /// Largest number of Postgres connections this process opens.
+    /// Size of each of the process's two Postgres pools (transactions; statements that run
+    /// on their own): up to twice this many connections, plus leader sessions and listeners.
     #[arg(long, env = "HINDSIGHT_DB_MAX_CONNECTIONS", value_name = "HINDSIGHT_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_max_connections: u32,
     /// Take an aggregate snapshot every this many events.
