@@ -29,6 +29,8 @@ async fn pool(url: &str, connections: usize) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(connections as u32)
         .min_connections(connections as u32)
+        // No round trip of sqlx's own before each batch of the scan.
+        .test_before_acquire(false)
         .connect(url)
         .await?)
 }

@@ -699,7 +699,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             }
         };
         let every = self.settings.snapshot_every.max(1) as u64;
-        let result = sqlx::query(
+        let upsert = sqlx::query(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
              VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
@@ -713,14 +713,13 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         .bind(entry.version as i64)
         .bind((entry.version / every) as i64)
         .bind(payload);
-        let result = match self.statements.acquire().await {
-            Ok(mut connection) => {
-                let result = result.execute(&mut *connection).await;
-                connection.give_back(result)
-            }
-            Err(error) => Err(error),
-        };
-        if let Err(error) = result {
+        let recorded = async {
+            let mut connection = self.statements.acquire().await?;
+            let recorded = upsert.execute(&mut *connection).await;
+            connection.give_back(recorded)
+        }
+        .await;
+        if let Err(error) = recorded {
             tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not recorded");
         }
     }
