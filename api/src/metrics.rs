@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latency by route and status, command outcomes
-//! by code, and relay and projection positions, lag and failures (read at scrape time).
+//! by code, and relay and projection positions, lag and failures and the connections of
+//! both Postgres pools (read at scrape time).
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -87,6 +88,25 @@ pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError>
             .set((head - position) as f64);
         metrics::gauge!("hindsight_projection_failed", "projection" => name)
             .set(if status == "failed" { 1.0 } else { 0.0 });
+    }
+    let statements = state.commands.statements();
+    let pools = [
+        (
+            "transactions",
+            state.pool.size() as usize,
+            state.pool.num_idle(),
+        ),
+        (
+            "statements",
+            statements.lent() + statements.idle(),
+            statements.idle(),
+        ),
+    ];
+    for (pool, open, idle) in pools {
+        metrics::gauge!("hindsight_db_connections", "pool" => pool, "state" => "idle")
+            .set(idle as f64);
+        metrics::gauge!("hindsight_db_connections", "pool" => pool, "state" => "busy")
+            .set(open.saturating_sub(idle) as f64);
     }
     let body = handle().map(PrometheusHandle::render).unwrap_or_default();
     Ok((

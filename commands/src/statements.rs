@@ -138,6 +138,12 @@ impl StatementPool {
         self.shared.idle().len()
     }
 
+    /// Connections lent out now (those being closed included, until they are gone).
+    pub fn lent(&self) -> usize {
+        (self.shared.max_connections as usize)
+            .saturating_sub(self.shared.permits.available_permits())
+    }
+
     /// Refuses new loans and closes the idle connections; connections lent out are closed
     /// as they come back.
     pub async fn close(&self) {

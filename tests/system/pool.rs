@@ -161,12 +161,13 @@ async fn a_statement_pool_lends_at_most_its_size_and_replaces_connections_cut_wh
         waiting.is_err(),
         "a third connection was lent beyond the size of two"
     );
+    assert_eq!((statements.lent(), statements.idle()), (2, 0));
 
     let first_pid = lent_pid(&mut first).await;
     let first_pid = first.give_back(first_pid).expect("it answers");
     let second_pid = lent_pid(&mut second).await;
     let second_pid = second.give_back(second_pid).expect("it answers");
-    assert_eq!(statements.idle(), 2);
+    assert_eq!((statements.lent(), statements.idle()), (0, 2));
 
     // The database ends both sessions while they are idle, as a restart would.
     let terminated: Vec<bool> =

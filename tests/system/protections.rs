@@ -149,4 +149,12 @@ async fn security_headers_cors_and_metrics() {
     );
     assert!(metrics.contains("hindsight_http_request_duration_seconds"));
     assert!(metrics.contains("hindsight_event_store_head"));
+    for pool in ["transactions", "statements"] {
+        assert!(
+            metrics.contains(&format!(
+                "hindsight_db_connections{{pool=\"{pool}\",state=\"idle\"}}"
+            )),
+            "{metrics}"
+        );
+    }
 }
