@@ -250,6 +250,7 @@ async fn machine(env: &Environment) -> Result<Vec<(String, String)>> {
         "synchronous_commit",
         "shared_buffers",
         "max_connections",
+        "autovacuum",
     ] {
         let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
             .fetch_one(&mut postgres)
