@@ -240,7 +240,7 @@ async fn mark(pool: &PgPool, names: &[&str], status: &str) -> Result<Vec<String>
 
 /// Sets the status of the projections `names` (with the error and where it happened).
 async fn set_status(
-    pool: &PgPool,
+    executor: impl PgExecutor<'_>,
     names: &[&str],
     status: &str,
     error: Option<(&str, i64)>,
@@ -254,7 +254,7 @@ async fn set_status(
     .bind(status)
     .bind(error.map(|(message, _)| message))
     .bind(error.map(|(_, position)| position))
-    .execute(pool)
+    .execute(executor)
     .await?;
     Ok(())
 }
@@ -754,20 +754,6 @@ impl ProjectionWorker {
         events: &[StoredEvent],
         to: i64,
     ) -> Result<Vec<usize>, CommitError> {
-        let outcome = self
-            .try_commit_together(connection, members, due, events, to)
-            .await;
-        rolled_back_if_failed(connection, outcome).await
-    }
-
-    async fn try_commit_together(
-        &self,
-        connection: &mut PgConnection,
-        members: &[Member],
-        due: &[usize],
-        events: &[StoredEvent],
-        to: i64,
-    ) -> Result<Vec<usize>, CommitError> {
         let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
         let mut tx = connection.begin().await?;
         // See `commit` on why read-model batches do not wait for their WAL flush.
@@ -837,6 +823,11 @@ impl ProjectionWorker {
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
                 Err(error) => {
                     tracing::warn!(projection = model.name(), attempt, %error, "applying a batch failed");
+                    // sqlx rolls back a transaction dropped uncommitted by queueing a
+                    // `ROLLBACK` that goes with the connection's next statement; send it
+                    // now, so the failed batch's row locks are not held through the pause.
+                    // Should this fail, the session is gone and the next attempt says so.
+                    connection.ping().await.ok();
                     last_error = Some(error);
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 }
@@ -847,7 +838,9 @@ impl ProjectionWorker {
         };
         if events.len() <= 1 {
             let position = events.first().map_or(to, |event| event.position);
-            return self.poisoned(model, position, batch_error).await;
+            return self
+                .poisoned(connection, model, position, batch_error)
+                .await;
         }
         // Find the poison event, committing everything before it.
         let mut position = from;
@@ -864,7 +857,11 @@ impl ProjectionWorker {
             {
                 Ok(()) => position = event.position,
                 Err(error) if !error.may_be_poison() => return Err(error.into()),
-                Err(error) => return self.poisoned(model, event.position, error).await,
+                Err(error) => {
+                    return self
+                        .poisoned(connection, model, event.position, error)
+                        .await
+                }
             }
         }
         self.commit(connection, model, position, &[], to)
@@ -872,15 +869,19 @@ impl ProjectionWorker {
             .map_err(Into::into)
     }
 
+    /// Records that `model` stopped at `position`, on the connection its failed
+    /// transaction ran on: the rollback that transaction left queued goes first, so the
+    /// write does not wait on that transaction's lock of the checkpoint row.
     async fn poisoned(
         &self,
+        connection: &mut PgConnection,
         model: &Arc<dyn ReadModel>,
         position: i64,
         error: CommitError,
     ) -> Result<(), WorkerError> {
         let message = error.to_string();
         set_status(
-            &self.pool,
+            connection,
             &[model.name()],
             "failed",
             Some((&message, position)),
@@ -895,18 +896,6 @@ impl ProjectionWorker {
     /// One transaction for one read model: lock its checkpoint (waiting for it), check it
     /// is still `from`, apply, advance to `to`, notify, commit.
     async fn commit(
-        &self,
-        connection: &mut PgConnection,
-        model: &Arc<dyn ReadModel>,
-        from: i64,
-        events: &[StoredEvent],
-        to: i64,
-    ) -> Result<(), CommitError> {
-        let outcome = self.try_commit(connection, model, from, events, to).await;
-        rolled_back_if_failed(connection, outcome).await
-    }
-
-    async fn try_commit(
         &self,
         connection: &mut PgConnection,
         model: &Arc<dyn ReadModel>,
@@ -951,23 +940,6 @@ impl ProjectionWorker {
         tx.commit().await?;
         Ok(())
     }
-}
-
-/// Passes `outcome` on once a failed transaction's rollback has reached the database.
-///
-/// sqlx rolls back a transaction dropped uncommitted by queueing a `ROLLBACK` on the
-/// connection, sent only with the connection's next statement. On the worker's own session
-/// that could be a while, and meanwhile the transaction's row locks would stop others (the
-/// failed status written from the pool, a rebuild's swap); a round trip sends it now. Should
-/// that fail, the session is gone, and its next statement says so.
-async fn rolled_back_if_failed<T>(
-    connection: &mut PgConnection,
-    outcome: Result<T, CommitError>,
-) -> Result<T, CommitError> {
-    if outcome.is_err() {
-        connection.ping().await.ok();
-    }
-    outcome
 }
 
 /// Sleeps until `deadline`, or forever without one.
