@@ -47,6 +47,21 @@ pub struct CommandBus {
     batching: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// One aggregate type's write path, sharing the bus's pools and append signal.
+fn store<A: hindsight_domain::Aggregate>(
+    pool: &PgPool,
+    statements: &StatementPool,
+    settings: StoreSettings,
+    appends: &AppendSignal,
+) -> Arc<AggregateStore<A>> {
+    Arc::new(AggregateStore::new(
+        pool.clone(),
+        statements.clone(),
+        settings,
+        appends.clone(),
+    ))
+}
+
 impl CommandBus {
     /// A bus on `pool`, with a [`StatementPool`] of the same size beside it for the
     /// statements a command runs on their own (its append, the checks of a cached
@@ -55,24 +70,9 @@ impl CommandBus {
         let appends = AppendSignal::new(pool.clone());
         let statements = StatementPool::beside(&pool);
         Self {
-            users: Arc::new(AggregateStore::new(
-                pool.clone(),
-                statements.clone(),
-                settings,
-                appends.clone(),
-            )),
-            products: Arc::new(AggregateStore::new(
-                pool.clone(),
-                statements.clone(),
-                settings,
-                appends.clone(),
-            )),
-            orders: Arc::new(AggregateStore::new(
-                pool.clone(),
-                statements.clone(),
-                settings,
-                appends.clone(),
-            )),
+            users: store(&pool, &statements, settings, &appends),
+            products: store(&pool, &statements, settings, &appends),
+            orders: store(&pool, &statements, settings, &appends),
             pool,
             statements,
             appends,
