@@ -37,7 +37,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
 use hindsight_commands::event::{read_events_on, StoredEvent};
 use hindsight_commands::relay::{self, HEADER_POSITION, HEADER_PREVIOUS_POSITION};
-use sqlx::{Connection, PgConnection, PgExecutor, PgPool};
+use sqlx::{Connection, Executor as _, PgConnection, PgExecutor, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::read_model::{ApplyError, ReadModel};
@@ -85,6 +85,8 @@ pub enum WorkerError {
     CheckpointMoved { expected: i64, found: i64 },
     #[error("the read model cannot apply for now: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("`{0}` is not a read-model name (lowercase letters, digits and underscores)")]
+    Name(String),
 }
 
 /// How soon a member left behind (its checkpoint was locked) is tried again, for its
@@ -746,6 +748,14 @@ impl ProjectionWorker {
     /// One transaction for the members at `due`: lock the checkpoints no one else holds,
     /// check each is still where this worker stored it, apply what follows what each has
     /// passed, advance them to `to`, notify, commit. Answers the members it moved.
+    ///
+    /// Sends its `BEGIN` with the lock and its `COMMIT` with the checkpoint move (see
+    /// [`open_locked`]): two round trips fewer than a `sqlx::Transaction`, on the path every
+    /// live batch takes. If anything fails the transaction is rolled back here, before the
+    /// error is answered. sqlx does not know of this transaction, so `connection` must be
+    /// the leader's own session, which is closed rather than reused should this future be
+    /// dropped half-way; [`Self::commit`], which also runs on pooled connections during
+    /// the initial catch-up, keeps sqlx's transaction for that reason.
     async fn commit_together(
         &self,
         connection: &mut PgConnection,
@@ -754,18 +764,28 @@ impl ProjectionWorker {
         events: &[StoredEvent],
         to: i64,
     ) -> Result<Vec<usize>, CommitError> {
+        let result = self
+            .try_commit_together(connection, members, due, events, to)
+            .await;
+        if result.is_err() {
+            // Should this fail too, the session is gone and the next statement says so.
+            connection.execute(sqlx::raw_sql("ROLLBACK")).await.ok();
+        }
+        result
+    }
+
+    async fn try_commit_together(
+        &self,
+        connection: &mut PgConnection,
+        members: &[Member],
+        due: &[usize],
+        events: &[StoredEvent],
+        to: i64,
+    ) -> Result<Vec<usize>, CommitError> {
         let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
-        let mut tx = connection.begin().await?;
-        // See `commit` on why read-model batches do not wait for their WAL flush.
-        let locked: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT name, position, set_config('synchronous_commit', 'off', true) \
-             FROM projection_checkpoints WHERE name = ANY($1) FOR UPDATE SKIP LOCKED",
-        )
-        .bind(&names)
-        .fetch_all(&mut *tx)
-        .await?;
+        let locked = open_locked(&mut *connection, &names).await?;
         let mut committed = Vec::with_capacity(locked.len());
-        for (name, position, _) in &locked {
+        for (name, position) in &locked {
             let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
                 continue;
             };
@@ -778,29 +798,21 @@ impl ProjectionWorker {
             committed.push(index);
         }
         if committed.is_empty() {
+            connection.execute(sqlx::raw_sql("COMMIT")).await?;
             return Ok(committed);
         }
         for &index in &committed {
             let member = &members[index];
             let events = after(events, member.applied);
             if !events.is_empty() {
-                member.model.apply(&mut tx, events).await?;
+                member.model.apply(&mut *connection, events).await?;
             }
         }
         let names: Vec<&str> = committed
             .iter()
             .map(|&index| members[index].name())
             .collect();
-        sqlx::query(
-            "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
-             WHERE name = ANY($1) RETURNING pg_notify($3, name || ':' || position)",
-        )
-        .bind(&names)
-        .bind(to)
-        .bind(PROGRESS_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        close_advanced(connection, &names, to).await?;
         Ok(committed)
     }
 
@@ -950,6 +962,69 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Begins a transaction on `connection` and locks the checkpoint rows of `names` that no
+/// one else holds, in one round trip: `BEGIN`, the lock and the setting below travel as
+/// one simple query, so the names are written into it as literals (read-model names are
+/// constants of this crate; [`literal_list`] refuses anything else). Answers the locked
+/// rows' names and positions. A read model is derived from the events, which are durable
+/// before the relay publishes them, so its batches need not wait for their own WAL flush:
+/// if the database crashes before the flush, the checkpoint goes back with the rows and the
+/// worker applies those events again from the store.
+async fn open_locked(
+    connection: &mut PgConnection,
+    names: &[&str],
+) -> Result<Vec<(String, i64)>, CommitError> {
+    let statements = format!(
+        "BEGIN; SET LOCAL synchronous_commit = off; \
+         SELECT name, position FROM projection_checkpoints \
+         WHERE name IN ({}) FOR UPDATE SKIP LOCKED",
+        literal_list(names)?
+    );
+    let rows = connection.fetch_all(sqlx::raw_sql(&statements)).await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("name")?, row.try_get("position")?)))
+        .collect()
+}
+
+/// Moves the checkpoints of `names` to `to`, notifies [`PROGRESS_CHANNEL`] for each and
+/// commits the transaction [`open_locked`] began, in one round trip.
+async fn close_advanced(
+    connection: &mut PgConnection,
+    names: &[&str],
+    to: i64,
+) -> Result<(), CommitError> {
+    let statements = format!(
+        "UPDATE projection_checkpoints SET position = {to}, updated_at = now() \
+         WHERE name IN ({}) RETURNING pg_notify('{PROGRESS_CHANNEL}', name || ':' || position); \
+         COMMIT",
+        literal_list(names)?
+    );
+    connection.execute(sqlx::raw_sql(&statements)).await?;
+    Ok(())
+}
+
+/// `names` as a list of SQL string literals. Only names of lowercase letters, digits and
+/// underscores are accepted (every read model's is): nothing in them needs quoting.
+fn literal_list(names: &[&str]) -> Result<String, CommitError> {
+    let mut list = String::new();
+    for name in names {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+        {
+            return Err(CommitError::Name((*name).to_owned()));
+        }
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        list.push('\'');
+        list.push_str(name);
+        list.push('\'');
+    }
+    Ok(list)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CommitError {
     #[error(transparent)]
@@ -958,6 +1033,8 @@ enum CommitError {
     Database(#[from] sqlx::Error),
     #[error("checkpoint moved from {expected} to {found} under this worker")]
     Moved { expected: i64, found: i64 },
+    #[error("`{0}` is not a read-model name (lowercase letters, digits and underscores)")]
+    Name(String),
 }
 
 impl CommitError {
@@ -971,7 +1048,7 @@ impl CommitError {
             }
             Self::Apply(ApplyError::Unavailable(_)) => false,
             Self::Apply(_) => true,
-            Self::Moved { .. } => false,
+            Self::Moved { .. } | Self::Name(_) => false,
         }
     }
 }
@@ -989,6 +1066,27 @@ impl From<CommitError> for WorkerError {
             },
             CommitError::Apply(ApplyError::Unavailable(error)) => Self::Unavailable(error),
             CommitError::Moved { expected, found } => Self::CheckpointMoved { expected, found },
+            CommitError::Name(name) => Self::Name(name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_model_names_are_written_as_literals_and_nothing_else_is() {
+        let list = literal_list(&["products", "audit_trail", "v2_orders"]);
+        assert_eq!(
+            list.ok().as_deref(),
+            Some("'products', 'audit_trail', 'v2_orders'")
+        );
+        for refused in ["", "it's", "Products", "a b", "x;DROP", "back\\slash"] {
+            assert!(
+                matches!(literal_list(&["users", refused]), Err(CommitError::Name(name)) if name == refused),
+                "{refused:?} was accepted"
+            );
         }
     }
 }

@@ -678,6 +678,16 @@ async fn a_poison_event_in_a_group_stops_only_the_read_model_it_breaks() {
     let later = restock(&db, product, 1).await;
     projection_reaches(&db, "healthy", later).await;
     assert_eq!(checkpoint_position(&db, "sick").await, poison - 1);
+    // The failed batch's transaction, begun and ended with its statements on the group's
+    // session, was rolled back: no session is left inside it.
+    let aborted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND state = 'idle in transaction (aborted)'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(aborted, 0, "a failed batch left its transaction open");
 
     // Fixed and restarted, the group resumes the sick member where it stopped.
     group.cancel();
