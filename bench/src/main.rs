@@ -63,6 +63,13 @@ struct Args {
     /// profile `hindsight projections rebuild` against it by hand.
     #[arg(long)]
     keep_rebuild_database: bool,
+    /// Write each measured command of the lag scenario to this file (the last run's), one
+    /// line each: microseconds since the first, position, microseconds until the products
+    /// read model and until the audit trail applied it. The first line is the first
+    /// command's wall-clock time in microseconds since 1970, to line the timeline up with
+    /// the server's log.
+    #[arg(long)]
+    lag_timeline: Option<PathBuf>,
     /// A Postgres URL whose user can create databases.
     #[arg(
         long,
@@ -161,6 +168,7 @@ async fn measure(args: Args) -> Result<()> {
         rebuild_events: args.rebuild_events,
         read_products: args.read_products,
         keep_rebuild_database: args.keep_rebuild_database,
+        lag_timeline: args.lag_timeline.clone(),
     };
     let machine = machine(&env).await?;
     for (name, value) in &machine {

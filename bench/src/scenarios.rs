@@ -34,6 +34,8 @@ pub struct Settings {
     pub rebuild_events: u64,
     pub read_products: usize,
     pub keep_rebuild_database: bool,
+    /// Where the lag scenario writes its timeline, if anywhere.
+    pub lag_timeline: Option<std::path::PathBuf>,
 }
 
 /// The scenarios, as `--only` names them.
@@ -459,6 +461,11 @@ async fn lag(
 
     let [products, audit_trail] = applied.lock().map(|a| a.clone()).unwrap_or_default();
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    if let Some(path) = &settings.lag_timeline {
+        let timeline = lag_timeline(&acked, &products, &audit_trail);
+        std::fs::write(path, timeline)
+            .with_context(|| format!("writing the lag timeline to {}", path.display()))?;
+    }
     for (name, key, applied) in [
         (PRODUCTS, "s3.lag", products),
         (AUDIT_TRAIL, "s3.audit_lag", audit_trail),
@@ -475,6 +482,40 @@ async fn lag(
         ));
     }
     Ok(())
+}
+
+/// The lag scenario's commands in the order they were acknowledged (see `--lag-timeline`).
+fn lag_timeline(
+    acked: &[(Instant, i64)],
+    products: &[(Instant, i64)],
+    audit_trail: &[(Instant, i64)],
+) -> String {
+    let Some(&(first, _)) = acked.first() else {
+        return String::new();
+    };
+    let since_1970 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(first.elapsed());
+    // Microseconds from `at` until `applied` (in arrival order) first reached `position`.
+    let until = |applied: &[(Instant, i64)], at: Instant, position: i64| {
+        applied
+            .iter()
+            .find(|(_, reached)| *reached >= position)
+            .map_or(-1, |(seen, _)| {
+                i64::try_from(seen.saturating_duration_since(at).as_micros()).unwrap_or(i64::MAX)
+            })
+    };
+    let mut timeline = format!("{}\n", since_1970.as_micros());
+    for &(at, position) in acked {
+        timeline.push_str(&format!(
+            "{} {position} {} {}\n",
+            at.duration_since(first).as_micros(),
+            until(products, at, position),
+            until(audit_trail, at, position),
+        ));
+    }
+    timeline
 }
 
 /// For each acknowledged position, the microseconds until a read model's progress
