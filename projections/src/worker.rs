@@ -764,56 +764,46 @@ impl ProjectionWorker {
         events: &[StoredEvent],
         to: i64,
     ) -> Result<Vec<usize>, CommitError> {
-        let result = self
-            .try_commit_together(connection, members, due, events, to)
-            .await;
+        let result: Result<Vec<usize>, CommitError> = async {
+            let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
+            let locked = open_locked(&mut *connection, &names).await?;
+            let mut committed = Vec::with_capacity(locked.len());
+            for (name, position) in &locked {
+                let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
+                    continue;
+                };
+                if *position != members[index].stored {
+                    return Err(CommitError::Moved {
+                        expected: members[index].stored,
+                        found: *position,
+                    });
+                }
+                committed.push(index);
+            }
+            if committed.is_empty() {
+                connection.execute(sqlx::raw_sql("COMMIT")).await?;
+                return Ok(committed);
+            }
+            for &index in &committed {
+                let member = &members[index];
+                let events = after(events, member.applied);
+                if !events.is_empty() {
+                    member.model.apply(&mut *connection, events).await?;
+                }
+            }
+            let names: Vec<&str> = committed
+                .iter()
+                .map(|&index| members[index].name())
+                .collect();
+            close_advanced(&mut *connection, &names, to).await?;
+            Ok(committed)
+        }
+        .await;
         if result.is_err() {
             // Should this fail too, the session is gone and the next statement says so.
             connection.execute(sqlx::raw_sql("ROLLBACK")).await.ok();
         }
         result
-    }
-
-    async fn try_commit_together(
-        &self,
-        connection: &mut PgConnection,
-        members: &[Member],
-        due: &[usize],
-        events: &[StoredEvent],
-        to: i64,
-    ) -> Result<Vec<usize>, CommitError> {
-        let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
-        let locked = open_locked(&mut *connection, &names).await?;
-        let mut committed = Vec::with_capacity(locked.len());
-        for (name, position) in &locked {
-            let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
-                continue;
-            };
-            if *position != members[index].stored {
-                return Err(CommitError::Moved {
-                    expected: members[index].stored,
-                    found: *position,
-                });
-            }
-            committed.push(index);
-        }
-        if committed.is_empty() {
-            connection.execute(sqlx::raw_sql("COMMIT")).await?;
-            return Ok(committed);
-        }
-        for &index in &committed {
-            let member = &members[index];
-            let events = after(events, member.applied);
-            if !events.is_empty() {
-                member.model.apply(&mut *connection, events).await?;
-            }
-        }
-        let names: Vec<&str> = committed
-            .iter()
-            .map(|&index| members[index].name())
-            .collect();
-        close_advanced(connection, &names, to).await?;
-        Ok(committed)
     }
 
     /// Applies `events` (all after `from`, its stored checkpoint) to one read model and
