@@ -470,7 +470,7 @@ async fn lag(
         (PRODUCTS, "s3.lag", products),
         (AUDIT_TRAIL, "s3.audit_lag", audit_trail),
     ] {
-        let (lags, unseen) = lags(&acked, applied);
+        let (lags, unseen) = lags(&acked, &applied);
         let p50 = quantile(&lags, 0.50) as f64 / 1000.0;
         let p99 = quantile(&lags, 0.99) as f64 / 1000.0;
         put(figures, format!("{key}.p50"), p50);
@@ -484,7 +484,8 @@ async fn lag(
     Ok(())
 }
 
-/// The lag scenario's commands in the order they were acknowledged (see `--lag-timeline`).
+/// The lag scenario's commands in the order they were acknowledged (see `--lag-timeline`),
+/// with their lags to each read model (-1: never seen).
 fn lag_timeline(
     acked: &[(Instant, i64)],
     products: &[(Instant, i64)],
@@ -497,22 +498,17 @@ fn lag_timeline(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .saturating_sub(first.elapsed());
-    // Microseconds from `at` until `applied` (in arrival order) first reached `position`.
-    let until = |applied: &[(Instant, i64)], at: Instant, position: i64| {
-        applied
-            .iter()
-            .find(|(_, reached)| *reached >= position)
-            .map_or(-1, |(seen, _)| {
-                i64::try_from(seen.saturating_duration_since(at).as_micros()).unwrap_or(i64::MAX)
-            })
-    };
+    let shown = |lag: Option<u32>| lag.map_or(-1, i64::from);
     let mut timeline = format!("{}\n", since_1970.as_micros());
-    for &(at, position) in acked {
+    let lags = lags_in_order(acked, products)
+        .into_iter()
+        .zip(lags_in_order(acked, audit_trail));
+    for (&(at, position), (to_products, to_audit_trail)) in acked.iter().zip(lags) {
         timeline.push_str(&format!(
             "{} {position} {} {}\n",
             at.duration_since(first).as_micros(),
-            until(products, at, position),
-            until(audit_trail, at, position),
+            shown(to_products),
+            shown(to_audit_trail),
         ));
     }
     timeline
@@ -520,31 +516,42 @@ fn lag_timeline(
 
 /// For each acknowledged position, the microseconds until a read model's progress
 /// (`applied`, in arrival order) reached it, sorted; and how many it never reached.
-fn lags(acked: &[(Instant, i64)], applied: Vec<(Instant, i64)>) -> (Vec<u32>, u64) {
-    // The notifications arrive in commit order, so positions only grow along the list;
-    // keep a running maximum to be safe against reordering.
-    let mut running = i64::MIN;
-    let frontier: Vec<(Instant, i64)> = applied
-        .into_iter()
-        .map(|(at, position)| {
-            running = running.max(position);
-            (at, running)
-        })
-        .collect();
+fn lags(acked: &[(Instant, i64)], applied: &[(Instant, i64)]) -> (Vec<u32>, u64) {
     let mut lags: Vec<u32> = Vec::with_capacity(acked.len());
     let mut unseen = 0u64;
-    for (acked_at, position) in acked {
-        let index = frontier.partition_point(|(_, applied)| applied < position);
-        match frontier.get(index) {
-            Some((seen_at, _)) => lags.push(
-                u32::try_from(seen_at.saturating_duration_since(*acked_at).as_micros())
-                    .unwrap_or(u32::MAX),
-            ),
+    for lag in lags_in_order(acked, applied) {
+        match lag {
+            Some(lag) => lags.push(lag),
             None => unseen += 1,
         }
     }
     lags.sort_unstable();
     (lags, unseen)
+}
+
+/// For each acknowledged position, in the order given, the microseconds until a read
+/// model's progress (`applied`, in arrival order) reached it; `None` if it never did.
+fn lags_in_order(acked: &[(Instant, i64)], applied: &[(Instant, i64)]) -> Vec<Option<u32>> {
+    // The notifications arrive in commit order, so positions only grow along the list;
+    // keep a running maximum to be safe against reordering.
+    let mut running = i64::MIN;
+    let frontier: Vec<(Instant, i64)> = applied
+        .iter()
+        .map(|&(at, position)| {
+            running = running.max(position);
+            (at, running)
+        })
+        .collect();
+    acked
+        .iter()
+        .map(|(acked_at, position)| {
+            let index = frontier.partition_point(|(_, applied)| applied < position);
+            frontier.get(index).map(|(seen_at, _)| {
+                u32::try_from(seen_at.saturating_duration_since(*acked_at).as_micros())
+                    .unwrap_or(u32::MAX)
+            })
+        })
+        .collect()
 }
 
 /// Scenario 2: a command's latency on an aggregate with 10,000 events against one with 10.
@@ -974,4 +981,26 @@ async fn rebuild_on(
         all.push(figures);
     }
     Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_command_waits_for_the_first_progress_that_reaches_it() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let acked = [(at(0), 5), (at(1), 7), (at(2), 9)];
+        // A notification for 8 arrives before one for 6: 6 is reached at 10 ms all the same.
+        let applied = [(at(4), 5), (at(10), 8), (at(12), 6)];
+        assert_eq!(
+            lags_in_order(&acked, &applied),
+            vec![Some(4_000), Some(9_000), None]
+        );
+        assert_eq!(lags(&acked, &applied), (vec![4_000, 9_000], 1));
+        let timeline = lag_timeline(&acked, &applied, &applied[..1]);
+        let lines: Vec<&str> = timeline.lines().skip(1).collect();
+        assert_eq!(lines, ["0 5 4000 4000", "1000 7 9000 -1", "2000 9 -1 -1"]);
+    }
 }
