@@ -4,7 +4,8 @@
 //!
 //! A sentence never contains a secret: a password change reads "changed password". To
 //! say how much stock is available after a movement, the read model keeps each product's
-//! available stock in a side table of its own.
+//! available stock in a side table of its own, which the statement that writes a batch's
+//! entries reads and moves.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -113,41 +114,143 @@ impl AuditTrail {
             });
         }
 
-        let mut stock = self.load_stock(&mut *connection, &decoded).await?;
-        let mut changed_stock = BTreeSet::new();
+        // The sentences are written without reading the stock first: what the batch did
+        // to each product's stock goes along, and the statement that writes the trail
+        // reads the stock and completes the sentences. A round trip fewer for every batch
+        // the live worker commits.
+        let mut book = StockBook::unread(&decoded);
         let mut rows = TrailColumns::default();
-        for (event, change) in events.iter().zip(decoded) {
-            if let Decoded::Product(id, ProductEvent::ProductCreated { .. })
-            | Decoded::Product(
-                id,
-                ProductEvent::ProductRestocked { .. }
-                | ProductEvent::StockReserved { .. }
-                | ProductEvent::StockReleased { .. },
-            ) = &change
-            {
-                changed_stock.insert(*id);
-            }
-            let summary = summarize(event, change, &mut stock)?;
-            rows.push(event, summary);
+        for (event, change) in events.iter().zip(&decoded) {
+            let sentence = summarize(event, change, &mut book)?;
+            rows.push(event, sentence);
+        }
+        if self.write_completing(&mut *connection, rows, book).await? {
+            return Ok(());
         }
 
-        self.insert_trail(&mut *connection, rows).await?;
-        let (ids, available): (Vec<Uuid>, Vec<i64>) = changed_stock
-            .into_iter()
-            .filter_map(|id| stock.get(&id).map(|available| (id, *available)))
-            .unzip();
-        if !ids.is_empty() {
-            sqlx::query(&format!(
-                "INSERT INTO {} (product_id, stock_available) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
-                 ON CONFLICT (product_id) DO UPDATE SET stock_available = EXCLUDED.stock_available",
-                self.stock
-            ))
-            .bind(ids)
-            .bind(available)
-            .execute(connection)
-            .await?;
+        // A product's stock is missing, or too low for the batch's movements summed to
+        // equal them taken one by one (stock stops at zero). Nothing was written: read the
+        // stock and take the events one by one.
+        tracing::warn!(
+            table = %self.trail,
+            first_position = events.first().map_or(0, |event| event.position),
+            "a batch's stock movements, added up, would take products below zero, or a \
+             product's stock is missing; reading the stock first"
+        );
+        let mut book = StockBook::read(self.load_stock(&mut *connection, &decoded).await?);
+        let mut rows = TrailColumns::default();
+        for (event, change) in events.iter().zip(&decoded) {
+            let sentence = summarize(event, change, &mut book)?;
+            rows.push(event, sentence);
         }
+        self.insert_trail(&mut *connection, rows).await?;
+        self.write_stock(connection, book.known).await
+    }
+
+    /// Writes the trail and the stock in one statement that reads the stock of the products
+    /// whose movements `book` holds as unread, and completes the sentences with it.
+    /// Answers `false`, having written nothing, when one of those products has no stock
+    /// row or less stock than its movements need (see [`Movement::need`]).
+    async fn write_completing(
+        &self,
+        connection: &mut PgConnection,
+        rows: TrailColumns<'_>,
+        book: StockBook,
+    ) -> Result<bool, ApplyError> {
+        let (known_ids, known_available): (Vec<Uuid>, Vec<i64>) = book.known.into_iter().unzip();
+        let mut moved_ids = Vec::with_capacity(book.unread.len());
+        let mut moved_change = Vec::with_capacity(book.unread.len());
+        let mut moved_need = Vec::with_capacity(book.unread.len());
+        for (id, movement) in book.unread {
+            moved_ids.push(id);
+            moved_change.push(movement.change);
+            moved_need.push(movement.need);
+        }
+        let complete: bool = sqlx::query_scalar(&format!(
+            "WITH moves AS ( \
+                 SELECT * FROM UNNEST($13::uuid[], $14::bigint[], $15::bigint[]) \
+                     AS m(product_id, change, need) \
+             ), base AS ( \
+                 SELECT s.product_id, s.stock_available \
+                 FROM {stock} AS s JOIN moves AS m USING (product_id) \
+                 WHERE s.stock_available >= m.need \
+             ), complete AS ( \
+                 SELECT (SELECT count(*) FROM base) = (SELECT count(*) FROM moves) AS ok \
+             ), trail AS ( \
+                 INSERT INTO {trail} ({COLUMNS}) \
+                 SELECT r.position, r.event_id, r.recorded_at, r.actor_id, r.actor_role, \
+                        r.request_id, r.correlation_id, r.causation_id, r.aggregate_type, \
+                        r.aggregate_id, r.event_type, \
+                        CASE WHEN r.tail IS NULL THEN r.summary \
+                             ELSE r.summary || (b.stock_available + r.moved)::text || r.tail \
+                        END \
+                 FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::uuid[], \
+                             $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+                             $10::text[], $11::text[], $12::text[], $16::uuid[], \
+                             $17::bigint[], $18::text[]) \
+                     AS r(position, event_id, recorded_at, actor_id, actor_role, request_id, \
+                          correlation_id, causation_id, aggregate_type, aggregate_id, \
+                          event_type, summary, product_id, moved, tail) \
+                 LEFT JOIN base AS b USING (product_id) \
+                 WHERE (SELECT ok FROM complete) \
+             ), stock AS ( \
+                 INSERT INTO {stock} (product_id, stock_available) \
+                 SELECT * FROM UNNEST($19::uuid[], $20::bigint[]) \
+                 WHERE (SELECT ok FROM complete) \
+                 UNION ALL \
+                 SELECT b.product_id, b.stock_available + m.change \
+                 FROM base AS b JOIN moves AS m USING (product_id) \
+                 WHERE (SELECT ok FROM complete) \
+                 ON CONFLICT (product_id) DO UPDATE SET stock_available = EXCLUDED.stock_available \
+             ) \
+             SELECT ok FROM complete",
+            stock = self.stock,
+            trail = self.trail,
+        ))
+        .bind(rows.position)
+        .bind(rows.event_id)
+        .bind(rows.recorded_at)
+        .bind(rows.actor_id)
+        .bind(rows.actor_role)
+        .bind(rows.request_id)
+        .bind(rows.correlation_id)
+        .bind(rows.causation_id)
+        .bind(rows.aggregate_type)
+        .bind(rows.aggregate_id)
+        .bind(rows.event_type)
+        .bind(rows.summary)
+        .bind(moved_ids)
+        .bind(moved_change)
+        .bind(moved_need)
+        .bind(rows.product_id)
+        .bind(rows.moved)
+        .bind(rows.tail)
+        .bind(known_ids)
+        .bind(known_available)
+        .fetch_one(connection)
+        .await?;
+        Ok(complete)
+    }
+
+    async fn write_stock(
+        &self,
+        connection: &mut PgConnection,
+        stock: BTreeMap<Uuid, i64>,
+    ) -> Result<(), ApplyError> {
+        if stock.is_empty() {
+            return Ok(());
+        }
+        let (ids, available): (Vec<Uuid>, Vec<i64>) = stock.into_iter().unzip();
+        sqlx::query(&format!(
+            "INSERT INTO {} (product_id, stock_available) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
+             ON CONFLICT (product_id) DO UPDATE SET stock_available = EXCLUDED.stock_available",
+            self.stock
+        ))
+        .bind(ids)
+        .bind(available)
+        .execute(connection)
+        .await?;
         Ok(())
     }
 
@@ -238,10 +341,15 @@ struct TrailColumns<'e> {
     aggregate_id: Vec<&'e str>,
     event_type: Vec<&'e str>,
     summary: Vec<String>,
+    /// For a sentence completed by the statement: the product whose stock it states,
+    /// what the batch had moved it by then, and the text after the number.
+    product_id: Vec<Option<Uuid>>,
+    moved: Vec<Option<i64>>,
+    tail: Vec<Option<String>>,
 }
 
 impl<'e> TrailColumns<'e> {
-    fn push(&mut self, event: &'e StoredEvent, summary: String) {
+    fn push(&mut self, event: &'e StoredEvent, sentence: Sentence) {
         let metadata = &event.metadata;
         self.position.push(event.position);
         self.event_id.push(event.event_id);
@@ -254,28 +362,140 @@ impl<'e> TrailColumns<'e> {
         self.aggregate_type.push(&event.aggregate_type);
         self.aggregate_id.push(&event.aggregate_id);
         self.event_type.push(&event.event_type);
-        self.summary.push(summary);
+        self.summary.push(sentence.text);
+        match sentence.unread {
+            Some(Unread {
+                product_id,
+                moved,
+                tail,
+            }) => {
+                self.product_id.push(Some(product_id));
+                self.moved.push(Some(moved));
+                self.tail.push(Some(tail));
+            }
+            None => {
+                self.product_id.push(None);
+                self.moved.push(None);
+                self.tail.push(None);
+            }
+        }
     }
 }
 
-/// The sentence for one event. Moves `stock` along with the product events.
+/// An entry's sentence. One that states the available stock of a product whose stock was
+/// not read holds the text before the number, and `unread` the rest.
+struct Sentence {
+    text: String,
+    unread: Option<Unread>,
+}
+
+struct Unread {
+    product_id: Uuid,
+    /// What the batch had moved the product's stock by after this event.
+    moved: i64,
+    tail: String,
+}
+
+impl Sentence {
+    fn whole(text: String) -> Self {
+        Self { text, unread: None }
+    }
+}
+
+/// What a batch did to the stock of a product it did not create, to add to the stored
+/// stock.
+#[derive(Default)]
+struct Movement {
+    /// Units added to the available stock (negative: taken from it).
+    change: i64,
+    /// The least stock the product must hold for none of the batch's reservations to take
+    /// it below zero. Below that, taking the events one by one (stock stops at zero) and
+    /// adding up their movements part ways, and the stock is read first instead. The
+    /// aggregate never lets it happen; the read model does not rely on that.
+    need: i64,
+}
+
+/// The available stock of the products a batch moves, as its sentences state it.
+struct StockBook {
+    /// Products whose stock is known here: read before the batch, or created in it.
+    known: BTreeMap<Uuid, i64>,
+    /// Products the batch creates, known only from their creation on.
+    created: BTreeSet<Uuid>,
+    /// Products moved whose stock was not read; always empty unless `unread_allowed`.
+    unread: BTreeMap<Uuid, Movement>,
+    unread_allowed: bool,
+}
+
+/// The available stock after an event, or what the batch has moved it by so far.
+enum Available {
+    Known(i64),
+    Moved(Uuid, i64),
+}
+
+impl StockBook {
+    /// Nothing read: movements of products created before the batch are summed.
+    fn unread(decoded: &[Decoded]) -> Self {
+        let created = decoded
+            .iter()
+            .filter_map(|change| match change {
+                Decoded::Product(id, ProductEvent::ProductCreated { .. }) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        Self {
+            known: BTreeMap::new(),
+            created,
+            unread: BTreeMap::new(),
+            unread_allowed: true,
+        }
+    }
+
+    /// The stock of every product moved and created before the batch, read.
+    fn read(known: BTreeMap<Uuid, i64>) -> Self {
+        Self {
+            known,
+            created: BTreeSet::new(),
+            unread: BTreeMap::new(),
+            unread_allowed: false,
+        }
+    }
+}
+
+/// Written where the number of available units goes in a sentence completed later. No
+/// sentence that states stock holds anything but numbers, units and ids besides.
+const AVAILABLE_MARK: &str = "\u{0}";
+
+/// The sentence for one event. Moves `book` along with the product events.
 fn summarize(
     event: &StoredEvent,
-    change: Decoded,
-    stock: &mut BTreeMap<Uuid, i64>,
-) -> Result<String, ApplyError> {
+    change: &Decoded,
+    book: &mut StockBook,
+) -> Result<Sentence, ApplyError> {
     Ok(match change {
-        Decoded::User(change) => summarize_user(change),
-        Decoded::Product(id, change) => {
-            let available = stock_after(event, id, &change, stock)?;
-            summarize_product(change, available)
-        }
-        Decoded::Order(change) => summarize_order(change),
-        Decoded::Unknown => format!("recorded {}", event.event_type),
+        Decoded::User(change) => Sentence::whole(summarize_user(change)),
+        Decoded::Product(id, change) => match stock_after(event, *id, change, book)? {
+            Available::Known(available) => Sentence::whole(summarize_product(change, available)),
+            Available::Moved(product_id, moved) => {
+                let text = summarize_product(change, AVAILABLE_MARK);
+                match text.split_once(AVAILABLE_MARK) {
+                    Some((head, tail)) => Sentence {
+                        text: head.to_owned(),
+                        unread: Some(Unread {
+                            product_id,
+                            moved,
+                            tail: tail.to_owned(),
+                        }),
+                    },
+                    None => Sentence::whole(text),
+                }
+            }
+        },
+        Decoded::Order(change) => Sentence::whole(summarize_order(change)),
+        Decoded::Unknown => Sentence::whole(format!("recorded {}", event.event_type)),
     })
 }
 
-fn summarize_user(change: UserEvent) -> String {
+fn summarize_user(change: &UserEvent) -> String {
     match change {
         UserEvent::UserRegistered { email, role, .. } => {
             format!("registered {} as {role}", email.as_str())
@@ -293,42 +513,49 @@ fn stock_after(
     event: &StoredEvent,
     id: Uuid,
     change: &ProductEvent,
-    stock: &mut BTreeMap<Uuid, i64>,
-) -> Result<i64, ApplyError> {
+    book: &mut StockBook,
+) -> Result<Available, ApplyError> {
     if let ProductEvent::ProductCreated { stock: initial, .. } = change {
         let initial = i64::from(*initial);
-        stock.insert(id, initial);
-        return Ok(initial);
+        book.known.insert(id, initial);
+        return Ok(Available::Known(initial));
     }
-    let Some(available) = stock.get_mut(&id) else {
-        return match change {
-            ProductEvent::ProductRestocked { .. }
-            | ProductEvent::StockReserved { .. }
-            | ProductEvent::StockReleased { .. } => Err(ApplyError::Invariant {
-                position: event.position,
-                reason: format!(
-                    "{} for product {id}, which was never created",
-                    event.event_type
-                ),
-            }),
-            // Other events say nothing about stock, so it was not loaded for them.
-            _ => Ok(0),
-        };
-    };
-    match change {
+    let units = match change {
         ProductEvent::ProductRestocked { quantity }
-        | ProductEvent::StockReleased { quantity, .. } => {
-            *available = available.saturating_add(i64::from(quantity.get()));
-        }
-        ProductEvent::StockReserved { quantity, .. } => {
-            *available = (*available - i64::from(quantity.get())).max(0);
-        }
-        _ => {}
+        | ProductEvent::StockReleased { quantity, .. }
+        | ProductEvent::StockReserved { quantity, .. } => i64::from(quantity.get()),
+        // Other events say nothing about stock.
+        _ => return Ok(Available::Known(0)),
+    };
+    let taken = matches!(change, ProductEvent::StockReserved { .. });
+    if let Some(available) = book.known.get_mut(&id) {
+        *available = if taken {
+            (*available - units).max(0)
+        } else {
+            available.saturating_add(units)
+        };
+        return Ok(Available::Known(*available));
     }
-    Ok(*available)
+    if !book.unread_allowed || book.created.contains(&id) {
+        return Err(ApplyError::Invariant {
+            position: event.position,
+            reason: format!(
+                "{} for product {id}, which was never created",
+                event.event_type
+            ),
+        });
+    }
+    let movement = book.unread.entry(id).or_default();
+    if taken {
+        movement.need = movement.need.max(units - movement.change);
+        movement.change -= units;
+    } else {
+        movement.change = movement.change.saturating_add(units);
+    }
+    Ok(Available::Moved(id, movement.change))
 }
 
-fn summarize_product(change: ProductEvent, available: i64) -> String {
+fn summarize_product(change: &ProductEvent, available: impl std::fmt::Display) -> String {
     match change {
         ProductEvent::ProductCreated {
             sku,
@@ -340,8 +567,8 @@ fn summarize_product(change: ProductEvent, available: i64) -> String {
             "created {} \"{}\" at {} with {} in stock",
             sku.as_str(),
             name.as_str(),
-            format_money(&price),
-            units(u64::from(stock))
+            format_money(price),
+            units(u64::from(*stock))
         ),
         ProductEvent::ProductDetailsUpdated { name, description } => {
             match (name, description.is_some()) {
@@ -357,29 +584,29 @@ fn summarize_product(change: ProductEvent, available: i64) -> String {
             }
         }
         ProductEvent::ProductPriceChanged { price } => {
-            format!("changed price to {}", format_money(&price))
+            format!("changed price to {}", format_money(price))
         }
         ProductEvent::ProductRestocked { quantity } => format!(
             "restocked {} (available {available})",
-            units(quantity.into())
+            units(u64::from(*quantity))
         ),
         ProductEvent::StockReserved { order_id, quantity } => format!(
             "reserved {} for order {order_id} (available {available})",
-            units(quantity.into())
+            units(u64::from(*quantity))
         ),
         ProductEvent::StockReleased { order_id, quantity } => format!(
             "released {} from order {order_id} (available {available})",
-            units(quantity.into())
+            units(u64::from(*quantity))
         ),
         ProductEvent::ReservationCommitted { order_id, quantity } => format!(
             "sold {} reserved for order {order_id}",
-            units(quantity.into())
+            units(u64::from(*quantity))
         ),
         ProductEvent::ProductDiscontinued => "discontinued the product".to_owned(),
     }
 }
 
-fn summarize_order(change: OrderEvent) -> String {
+fn summarize_order(change: &OrderEvent) -> String {
     match change {
         OrderEvent::OrderPlaced { lines, total, .. } => format!(
             "placed an order of {} totalling {}",
@@ -388,11 +615,11 @@ fn summarize_order(change: OrderEvent) -> String {
             } else {
                 format!("{} lines", lines.len())
             },
-            format_money(&total)
+            format_money(total)
         ),
         OrderEvent::OrderConfirmed => "confirmed the order".to_owned(),
         OrderEvent::OrderRejected { reason } => format!("rejected: {reason}"),
-        OrderEvent::OrderPaid { amount } => format!("paid {}", format_money(&amount)),
+        OrderEvent::OrderPaid { amount } => format!("paid {}", format_money(amount)),
         OrderEvent::OrderShipped => "shipped the order".to_owned(),
         OrderEvent::OrderCancelled {
             reason,

@@ -3,16 +3,17 @@
 
 use std::collections::BTreeSet;
 
-use hindsight_commands::event::read_events;
+use hindsight_commands::event::{read_events, Payload};
 use hindsight_commands::{Actor, CommandBus, EventMetadata, StoreSettings, StoredEvent};
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
 use hindsight_domain::order::{NewOrderLine, OrderCommand, OrderStatus};
-use hindsight_domain::product::{ProductCommand, ProductStatus};
+use hindsight_domain::product::{ProductCommand, ProductEvent, ProductStatus};
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
 use hindsight_domain::values::{
     Currency, Description, Email, Money, PersonName, ProductName, Quantity, Sku,
 };
+use hindsight_domain::DomainEvent as _;
 use hindsight_projections::audit_trail::{self, AuditTrail, TrailFilter};
 use hindsight_projections::orders::{self, OrderFilter, Orders};
 use hindsight_projections::page::{Page, PageRequest, QueryError};
@@ -1332,4 +1333,166 @@ async fn events_a_read_model_does_not_need_are_ignored() {
         ("test", "recorded SomethingHappened")
     );
     assert_eq!(trail.items.len(), 3);
+}
+
+/// Applies `events` to `model` in batches of `batch`, each in its own transaction.
+async fn apply_events(
+    pool: &sqlx::PgPool,
+    model: &dyn ReadModel,
+    events: &[StoredEvent],
+    batch: usize,
+) {
+    for chunk in events.chunks(batch) {
+        let mut tx = pool.begin().await.unwrap();
+        model.apply(&mut tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Events the aggregate never emits: reservations and releases of more units than there
+/// are. The read models stop stock at zero, as the aggregate's arithmetic does, which a
+/// batch's movements added up cannot show: such a product's events are taken one by one,
+/// and those of the others in the same batch as usual. Every batching agrees.
+#[tokio::test]
+async fn stock_moved_below_zero_stops_at_zero_in_every_batching() {
+    let shop = Shop::open().await;
+    let short = shop
+        .create_product("SHORT-1", "Short stock", "Three left", 500, 3)
+        .await;
+    let plenty = shop
+        .create_product("PLENTY-1", "Plenty", "Ten left", 700, 10)
+        .await;
+    let stored = shop.events().await;
+    let last = stored.last().unwrap().clone();
+
+    let (o1, o2) = (OrderId::new(), OrderId::new());
+    let moves = [
+        // 3 available: the reservation takes it to 0 (not -2), reserving 5.
+        (
+            &short,
+            2,
+            ProductEvent::StockReserved {
+                order_id: o1,
+                quantity: qty(5),
+            },
+        ),
+        (
+            &plenty,
+            2,
+            ProductEvent::StockReserved {
+                order_id: o2,
+                quantity: qty(2),
+            },
+        ),
+        // 5 reserved: releasing 7 leaves 0 reserved (not -2) and 7 available.
+        (
+            &short,
+            3,
+            ProductEvent::StockReleased {
+                order_id: o1,
+                quantity: qty(7),
+            },
+        ),
+        (
+            &plenty,
+            3,
+            ProductEvent::ReservationCommitted {
+                order_id: o2,
+                quantity: qty(2),
+            },
+        ),
+        (
+            &short,
+            4,
+            ProductEvent::ProductRestocked { quantity: qty(4) },
+        ),
+    ];
+    let mut position = last.position;
+    let crafted: Vec<StoredEvent> = moves
+        .into_iter()
+        .map(|(item, sequence, change)| {
+            position += 1;
+            let mut event = last.clone();
+            event.event_id = Uuid::new_v4();
+            event.position = position;
+            event.aggregate_type = "product".to_owned();
+            event.aggregate_id = item.id.to_string();
+            event.sequence = sequence;
+            event.event_type = change.event_type().to_owned();
+            event.payload = Payload::from_value(&serde_json::to_value(&change).unwrap());
+            event
+        })
+        .collect();
+    let all: Vec<StoredEvent> = stored.iter().chain(&crafted).cloned().collect();
+
+    let pool = &shop.db.pool;
+    let live: [Box<dyn ReadModel>; 2] = [Box::new(Products::live()), Box::new(AuditTrail::live())];
+    for model in &live {
+        // Stored first, then the crafted batch whole: products created before it.
+        apply_events(pool, model.as_ref(), &stored, 10_000).await;
+        apply_events(pool, model.as_ref(), &crafted, 10_000).await;
+    }
+
+    let view = products::get(pool, short.id).await.unwrap().unwrap();
+    assert_eq!((view.stock_available, view.stock_reserved), (11, 0));
+    assert_eq!(view.version, 4);
+    assert_eq!(view.updated_at, crafted[4].recorded_at);
+    let view = products::get(pool, plenty.id).await.unwrap().unwrap();
+    assert_eq!((view.stock_available, view.stock_reserved), (8, 0));
+    assert_eq!(view.version, 3);
+
+    let trail = audit_trail::list(
+        pool,
+        &TrailFilter {
+            aggregate_type: Some("product".to_owned()),
+            ..TrailFilter::default()
+        },
+        &PageRequest::first(100),
+    )
+    .await
+    .unwrap();
+    let sentences: Vec<&str> = trail
+        .items
+        .iter()
+        .filter(|entry| entry.position > last.position)
+        .map(|entry| entry.summary.as_str())
+        .collect();
+    assert_eq!(
+        sentences,
+        [
+            format!("reserved 5 units for order {o1} (available 0)"),
+            format!("reserved 2 units for order {o2} (available 8)"),
+            format!("released 7 units from order {o1} (available 7)"),
+            format!("sold 2 units reserved for order {o2}"),
+            "restocked 4 units (available 11)".to_owned(),
+        ]
+    );
+
+    // The same events one at a time, and all in one batch (where every product is
+    // created in the batch), reach the same rows.
+    let tables: Vec<String> = live.iter().flat_map(|model| model.tables()).collect();
+    for (suffix, batch) in [("_one", 1), ("_two", 2), ("_all", 10_000)] {
+        for table in &tables {
+            sqlx::query(&format!(
+                "CREATE TABLE {table}{suffix} (LIKE {table} INCLUDING ALL)"
+            ))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        let copies: [Box<dyn ReadModel>; 2] = [
+            Box::new(Products::with_suffix(suffix)),
+            Box::new(AuditTrail::with_suffix(suffix)),
+        ];
+        for model in &copies {
+            apply_events(pool, model.as_ref(), &all, batch).await;
+        }
+        for table in &tables {
+            assert_eq!(
+                shop.table_state(&format!("{table}{suffix}")).await,
+                shop.table_state(table).await,
+                "{table}{suffix} differs from {table}"
+            );
+        }
+    }
 }
