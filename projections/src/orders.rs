@@ -1,6 +1,6 @@
 //! The `orders` read model: every order as the API shows it, newest first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -15,8 +15,8 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, existing_ids, load_by_ids, money_from_columns, table_name,
-    CursorTag, Page, PageRequest, QueryError,
+    aggregate_uuid, column_error, money_from_columns, table_name, CursorTag, Page, PageRequest,
+    QueryError,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -89,23 +89,85 @@ impl Orders {
             return Ok(());
         }
 
-        let ids = existing_ids(&changes, |change| {
-            matches!(change, OrderEvent::OrderPlaced { .. })
-        });
-        let mut orders = load_by_ids(
-            connection,
-            &self.table,
-            COLUMNS,
-            &ids,
-            order_from_row,
-            |view: &OrderView| view.id.as_uuid(),
-        )
-        .await?;
-
+        // Orders this batch places are folded whole here and written once. After its
+        // placing an order's events only set its status (and a rejection's reason), so an
+        // order placed before the batch is changed in place: not read first, and its lines
+        // not written again.
+        let placed: BTreeSet<Uuid> = changes
+            .iter()
+            .filter(|(_, _, change)| matches!(change, OrderEvent::OrderPlaced { .. }))
+            .map(|(_, id, _)| *id)
+            .collect();
+        let mut orders = BTreeMap::new();
+        let mut patches: BTreeMap<Uuid, Patch> = BTreeMap::new();
         for (event, id, change) in changes {
-            fold(&mut orders, event, id, change)?;
+            if placed.contains(&id) {
+                fold(&mut orders, event, id, change)?;
+            } else {
+                patches
+                    .entry(id)
+                    .or_insert_with(|| Patch::new(event))
+                    .add(event, change);
+            }
         }
-        self.upsert(connection, orders.values()).await
+        if !orders.is_empty() {
+            self.upsert(&mut *connection, orders.values()).await?;
+        }
+        if !patches.is_empty() {
+            self.patch(connection, patches).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the status, reason, time and version of orders placed before the batch. An
+    /// order with no row fails the batch, as it does in `fold`.
+    async fn patch(
+        &self,
+        connection: &mut PgConnection,
+        patches: BTreeMap<Uuid, Patch>,
+    ) -> Result<(), ApplyError> {
+        let mut id = Vec::with_capacity(patches.len());
+        let mut status = Vec::with_capacity(patches.len());
+        let mut rejection_reason = Vec::with_capacity(patches.len());
+        let mut updated_at = Vec::with_capacity(patches.len());
+        let mut version = Vec::with_capacity(patches.len());
+        for (order, patch) in &patches {
+            id.push(*order);
+            status.push(patch.status.map(|status| status.as_str()));
+            rejection_reason.push(patch.rejection_reason.as_deref());
+            updated_at.push(patch.updated_at);
+            version.push(patch.version);
+        }
+        let changed: BTreeSet<Uuid> = sqlx::query_scalar(&format!(
+            "UPDATE {} AS o SET status = COALESCE(u.status, o.status), \
+                 rejection_reason = COALESCE(u.rejection_reason, o.rejection_reason), \
+                 updated_at = u.updated_at, version = u.version \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], \
+                         $5::bigint[]) \
+                  AS u(id, status, rejection_reason, updated_at, version) \
+             WHERE o.id = u.id \
+             RETURNING o.id",
+            self.table
+        ))
+        .bind(&id)
+        .bind(status)
+        .bind(rejection_reason)
+        .bind(updated_at)
+        .bind(version)
+        .fetch_all(connection)
+        .await?
+        .into_iter()
+        .collect();
+        match patches.iter().find(|(order, _)| !changed.contains(*order)) {
+            Some((order, patch)) => Err(ApplyError::Invariant {
+                position: patch.first_position,
+                reason: format!(
+                    "{} for order {order}, which was never placed",
+                    patch.first_event_type
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn upsert<'o>(
@@ -170,6 +232,49 @@ struct OrderColumns<'o> {
     created_at: Vec<DateTime<Utc>>,
     updated_at: Vec<DateTime<Utc>>,
     version: Vec<i64>,
+}
+
+/// What a batch does to an order placed before it.
+struct Patch {
+    /// The batch's first event of the order, named if the order turns out never placed.
+    first_position: i64,
+    first_event_type: String,
+    /// The status the batch last set.
+    status: Option<OrderStatus>,
+    rejection_reason: Option<String>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl Patch {
+    fn new(event: &StoredEvent) -> Self {
+        Self {
+            first_position: event.position,
+            first_event_type: event.event_type.clone(),
+            status: None,
+            rejection_reason: None,
+            updated_at: event.recorded_at,
+            version: event.sequence,
+        }
+    }
+
+    /// Adds one event, in order, as `fold` would apply it to the stored order.
+    fn add(&mut self, event: &StoredEvent, change: OrderEvent) {
+        match change {
+            // Never here: `apply_events` folds the orders a batch places.
+            OrderEvent::OrderPlaced { .. } => {}
+            OrderEvent::OrderConfirmed => self.status = Some(OrderStatus::Confirmed),
+            OrderEvent::OrderRejected { reason } => {
+                self.rejection_reason = Some(reason);
+                self.status = Some(OrderStatus::Rejected);
+            }
+            OrderEvent::OrderPaid { .. } => self.status = Some(OrderStatus::Paid),
+            OrderEvent::OrderShipped => self.status = Some(OrderStatus::Shipped),
+            OrderEvent::OrderCancelled { .. } => self.status = Some(OrderStatus::Cancelled),
+        }
+        self.updated_at = event.recorded_at;
+        self.version = event.sequence;
+    }
 }
 
 fn fold(

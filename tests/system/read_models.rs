@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use hindsight_commands::event::{read_events, Payload};
 use hindsight_commands::{Actor, CommandBus, EventMetadata, StoreSettings, StoredEvent};
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
-use hindsight_domain::order::{NewOrderLine, OrderCommand, OrderStatus};
+use hindsight_domain::order::{NewOrderLine, OrderCommand, OrderEvent, OrderStatus};
 use hindsight_domain::product::{ProductCommand, ProductEvent, ProductStatus};
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
@@ -18,7 +18,7 @@ use hindsight_projections::audit_trail::{self, AuditTrail, TrailFilter};
 use hindsight_projections::orders::{self, OrderFilter, Orders};
 use hindsight_projections::page::{Page, PageRequest, QueryError};
 use hindsight_projections::products::{self, ProductFilter, ProductSort, Products};
-use hindsight_projections::read_model::ReadModel;
+use hindsight_projections::read_model::{ApplyError, ReadModel};
 use hindsight_projections::sales::{self, Sales};
 use hindsight_projections::users::{self, UserFilter, Users};
 use hindsight_tests::{append_raw_event, TestDb};
@@ -1493,6 +1493,92 @@ async fn stock_moved_below_zero_stops_at_zero_in_every_batching() {
                 shop.table_state(table).await,
                 "{table}{suffix} differs from {table}"
             );
+        }
+    }
+}
+
+/// An event for an order or product that was never created fails the batch (the worker
+/// then retries it and marks it poison), naming the event, whether the read model reads
+/// its rows first or changes them in place.
+#[tokio::test]
+async fn events_of_entities_never_created_fail_the_batch() {
+    let shop = Shop::open().await;
+    let tea = shop
+        .create_product("TEA-9", "Tea", "For the real product", 500, 3)
+        .await;
+    let stored = shop.events().await;
+    let last = stored.last().unwrap().clone();
+    let pool = &shop.db.pool;
+    let models: [Box<dyn ReadModel>; 3] = [
+        Box::new(Products::live()),
+        Box::new(Orders::live()),
+        Box::new(AuditTrail::live()),
+    ];
+    for model in &models {
+        apply_events(pool, model.as_ref(), &stored, 10_000).await;
+    }
+
+    let (ghost_order, ghost_product) = (Uuid::new_v4(), Uuid::new_v4());
+    let crafted = |position: i64, aggregate_type: &str, id: Uuid, event_type: &str, payload| {
+        let mut event = last.clone();
+        event.event_id = Uuid::new_v4();
+        event.position = position;
+        event.aggregate_type = aggregate_type.to_owned();
+        event.aggregate_id = id.to_string();
+        event.sequence = 2;
+        event.event_type = event_type.to_owned();
+        event.payload = Payload::from_value(&payload);
+        event
+    };
+    let restock = ProductEvent::ProductRestocked { quantity: qty(1) };
+    let real_restock = crafted(
+        last.position + 1,
+        "product",
+        tea.id.as_uuid(),
+        restock.event_type(),
+        serde_json::to_value(&restock).unwrap(),
+    );
+    let ghost_restock = crafted(
+        last.position + 2,
+        "product",
+        ghost_product,
+        restock.event_type(),
+        serde_json::to_value(&restock).unwrap(),
+    );
+    let ghost_confirmation = crafted(
+        last.position + 3,
+        "order",
+        ghost_order,
+        OrderEvent::OrderConfirmed.event_type(),
+        serde_json::to_value(OrderEvent::OrderConfirmed).unwrap(),
+    );
+    let batch = [real_restock, ghost_restock, ghost_confirmation];
+
+    for (model, position) in
+        models
+            .iter()
+            .zip([last.position + 2, last.position + 3, last.position + 2])
+    {
+        let tables = model.tables();
+        let mut before = Vec::new();
+        for table in &tables {
+            before.push(shop.table_state(table).await);
+        }
+        let mut tx = pool.begin().await.unwrap();
+        let error = model.apply(&mut tx, &batch).await.unwrap_err();
+        tx.rollback().await.unwrap();
+        match error {
+            ApplyError::Invariant {
+                position: at,
+                reason,
+            } => {
+                assert_eq!(at, position, "{}: {reason}", model.name());
+                assert!(reason.contains("never"), "{}: {reason}", model.name());
+            }
+            other => panic!("{}: {other}", model.name()),
+        }
+        for (table, state) in tables.iter().zip(before) {
+            assert_eq!(shop.table_state(table).await, state, "{table} changed");
         }
     }
 }
