@@ -119,11 +119,7 @@ impl AuditTrail {
         // reads the stock and completes the sentences. A round trip fewer for every batch
         // the live worker commits.
         let mut book = StockBook::unread(&decoded);
-        let mut rows = TrailColumns::default();
-        for (event, change) in events.iter().zip(&decoded) {
-            let sentence = summarize(event, change, &mut book)?;
-            rows.push(event, sentence);
-        }
+        let rows = sentences(events, &decoded, &mut book)?;
         if self.write_completing(&mut *connection, rows, book).await? {
             return Ok(());
         }
@@ -138,13 +134,16 @@ impl AuditTrail {
              product's stock is missing; reading the stock first"
         );
         let mut book = StockBook::read(self.load_stock(&mut *connection, &decoded).await?);
-        let mut rows = TrailColumns::default();
-        for (event, change) in events.iter().zip(&decoded) {
-            let sentence = summarize(event, change, &mut book)?;
-            rows.push(event, sentence);
+        let rows = sentences(events, &decoded, &mut book)?;
+        // With every stock read, no sentence is left to complete: the statement writes.
+        if self.write_completing(connection, rows, book).await? {
+            Ok(())
+        } else {
+            Err(ApplyError::Invariant {
+                position: events.first().map_or(0, |event| event.position),
+                reason: "the audit trail's stock changed while the batch was written".into(),
+            })
         }
-        self.insert_trail(&mut *connection, rows).await?;
-        self.write_stock(connection, book.known).await
     }
 
     /// Writes the trail and the stock in one statement that reads the stock of the products
@@ -232,28 +231,6 @@ impl AuditTrail {
         Ok(complete)
     }
 
-    async fn write_stock(
-        &self,
-        connection: &mut PgConnection,
-        stock: BTreeMap<Uuid, i64>,
-    ) -> Result<(), ApplyError> {
-        if stock.is_empty() {
-            return Ok(());
-        }
-        let (ids, available): (Vec<Uuid>, Vec<i64>) = stock.into_iter().unzip();
-        sqlx::query(&format!(
-            "INSERT INTO {} (product_id, stock_available) \
-             SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) \
-             ON CONFLICT (product_id) DO UPDATE SET stock_available = EXCLUDED.stock_available",
-            self.stock
-        ))
-        .bind(ids)
-        .bind(available)
-        .execute(connection)
-        .await?;
-        Ok(())
-    }
-
     /// The available stock of the products whose stock this batch moves, for those created
     /// before it.
     async fn load_stock(
@@ -295,35 +272,6 @@ impl AuditTrail {
             stock.insert(row.try_get("product_id")?, row.try_get("stock_available")?);
         }
         Ok(stock)
-    }
-
-    async fn insert_trail(
-        &self,
-        connection: &mut PgConnection,
-        rows: TrailColumns<'_>,
-    ) -> Result<(), ApplyError> {
-        sqlx::query(&format!(
-            "INSERT INTO {} ({COLUMNS}) \
-             SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::timestamptz[], $4::uuid[], \
-                                  $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-                                  $10::text[], $11::text[], $12::text[])",
-            self.trail
-        ))
-        .bind(rows.position)
-        .bind(rows.event_id)
-        .bind(rows.recorded_at)
-        .bind(rows.actor_id)
-        .bind(rows.actor_role)
-        .bind(rows.request_id)
-        .bind(rows.correlation_id)
-        .bind(rows.causation_id)
-        .bind(rows.aggregate_type)
-        .bind(rows.aggregate_id)
-        .bind(rows.event_type)
-        .bind(rows.summary)
-        .execute(connection)
-        .await?;
-        Ok(())
     }
 }
 
@@ -464,6 +412,20 @@ impl StockBook {
 /// Written where the number of available units goes in a sentence completed later. No
 /// sentence that states stock holds anything but numbers, units and ids besides.
 const AVAILABLE_MARK: &str = "\u{0}";
+
+/// The batch's entries, their sentences as far as `book` knows the stock.
+fn sentences<'e>(
+    events: &'e [StoredEvent],
+    decoded: &[Decoded],
+    book: &mut StockBook,
+) -> Result<TrailColumns<'e>, ApplyError> {
+    let mut rows = TrailColumns::default();
+    for (event, change) in events.iter().zip(decoded) {
+        let sentence = summarize(event, change, book)?;
+        rows.push(event, sentence);
+    }
+    Ok(rows)
+}
 
 /// The sentence for one event. Moves `book` along with the product events.
 fn summarize(

@@ -15,8 +15,8 @@ use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, money_from_columns, table_name, CursorTag, Page, PageRequest,
-    QueryError,
+    self, aggregate_uuid, column_error, fold_or_patch, money_from_columns, table_name, CursorTag,
+    Page, PageRequest, QueryError, Split,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -93,23 +93,14 @@ impl Orders {
         // placing an order's events only set its status (and a rejection's reason), so an
         // order placed before the batch is changed in place: not read first, and its lines
         // not written again.
-        let placed: BTreeSet<Uuid> = changes
-            .iter()
-            .filter(|(_, _, change)| matches!(change, OrderEvent::OrderPlaced { .. }))
-            .map(|(_, id, _)| *id)
-            .collect();
-        let mut orders = BTreeMap::new();
-        let mut patches: BTreeMap<Uuid, Patch> = BTreeMap::new();
-        for (event, id, change) in changes {
-            if placed.contains(&id) {
-                fold(&mut orders, event, id, change)?;
-            } else {
-                patches
-                    .entry(id)
-                    .or_insert_with(|| Patch::new(event))
-                    .add(event, change);
-            }
-        }
+        let Split {
+            whole: orders,
+            patches,
+        } = fold_or_patch::<_, _, Patch>(
+            changes,
+            |change| matches!(change, OrderEvent::OrderPlaced { .. }),
+            fold,
+        )?;
         if !orders.is_empty() {
             self.upsert(&mut *connection, orders.values()).await?;
         }
@@ -246,7 +237,7 @@ struct Patch {
     version: i64,
 }
 
-impl Patch {
+impl page::Patch<OrderEvent> for Patch {
     fn new(event: &StoredEvent) -> Self {
         Self {
             first_position: event.position,
@@ -258,7 +249,7 @@ impl Patch {
         }
     }
 
-    /// Adds one event, in order, as `fold` would apply it to the stored order.
+    /// As `fold` would apply it to the stored order.
     fn add(&mut self, event: &StoredEvent, change: OrderEvent) {
         match change {
             // Never here: `apply_events` folds the orders a batch places.

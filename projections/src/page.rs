@@ -6,7 +6,7 @@
 //! tagged with the list, sort and filter it was made for, so a cursor taken from one
 //! query and replayed against another is refused instead of silently skipping rows.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -231,9 +231,6 @@ pub(crate) fn aggregate_uuid(event: &StoredEvent) -> Result<Uuid, ApplyError> {
     })
 }
 
-/// The aggregates a batch changes that existed before it: those whose rows must be
-/// loaded before the batch is folded onto them (aggregates created within the batch start
-/// from nothing).
 /// The rows of `table` whose id is in `ids`, decoded and keyed by id; no query at all
 /// when `ids` is empty. What a read model loads before folding a batch into it.
 pub(crate) async fn load_by_ids<V>(
@@ -258,6 +255,9 @@ pub(crate) async fn load_by_ids<V>(
     Ok(loaded)
 }
 
+/// The aggregates a batch changes that existed before it: those whose rows must be
+/// loaded before the batch is folded onto them (aggregates created within the batch start
+/// from nothing).
 pub(crate) fn existing_ids<T>(
     changes: &[(&StoredEvent, Uuid, T)],
     creates: impl Fn(&T) -> bool,
@@ -274,6 +274,50 @@ pub(crate) fn existing_ids<T>(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// What a batch does to the row of an aggregate created before it, gathered event by
+/// event to change the row in place, without reading it.
+pub(crate) trait Patch<E> {
+    /// A patch starting with `event`, which is then passed to [`Self::add`].
+    fn new(event: &StoredEvent) -> Self;
+    /// Adds one event, in order.
+    fn add(&mut self, event: &StoredEvent, change: E);
+}
+
+/// A batch's changes split by aggregate.
+pub(crate) struct Split<V, P> {
+    /// The aggregates the batch creates, folded whole.
+    pub(crate) whole: BTreeMap<Uuid, V>,
+    /// The others, as patches to their rows.
+    pub(crate) patches: BTreeMap<Uuid, P>,
+}
+
+/// Splits a batch's changes by aggregate: those the batch creates (`creates`) are folded
+/// whole from their creation on (`fold`), the others gathered as patches.
+pub(crate) fn fold_or_patch<E, V, P: Patch<E>>(
+    changes: Vec<(&StoredEvent, Uuid, E)>,
+    creates: impl Fn(&E) -> bool,
+    fold: impl Fn(&mut BTreeMap<Uuid, V>, &StoredEvent, Uuid, E) -> Result<(), ApplyError>,
+) -> Result<Split<V, P>, ApplyError> {
+    let created: BTreeSet<Uuid> = changes
+        .iter()
+        .filter(|(_, _, change)| creates(change))
+        .map(|(_, id, _)| *id)
+        .collect();
+    let mut whole = BTreeMap::new();
+    let mut patches: BTreeMap<Uuid, P> = BTreeMap::new();
+    for (event, id, change) in changes {
+        if created.contains(&id) {
+            fold(&mut whole, event, id, change)?;
+        } else {
+            patches
+                .entry(id)
+                .or_insert_with(|| P::new(event))
+                .add(event, change);
+        }
+    }
+    Ok(Split { whole, patches })
 }
 
 /// A column that holds text the read model wrote but that no longer parses.

@@ -18,8 +18,8 @@ use sqlx::{Encode, PgConnection, PgExecutor, Postgres, QueryBuilder, Row, Type};
 use uuid::Uuid;
 
 use crate::page::{
-    aggregate_uuid, column_error, load_by_ids, money_from_columns, table_name, CursorTag, Page,
-    PageRequest, QueryError,
+    self, aggregate_uuid, column_error, fold_or_patch, load_by_ids, money_from_columns, table_name,
+    CursorTag, Page, PageRequest, QueryError, Split,
 };
 use crate::read_model::{ApplyError, ReadModel};
 
@@ -173,23 +173,14 @@ impl Products {
         // Products this batch creates are folded whole here and written once. The others
         // are changed in place by what the batch does to them, without being read first:
         // a round trip fewer for every batch the live worker commits.
-        let created: BTreeSet<Uuid> = changes
-            .iter()
-            .filter(|(_, _, change)| matches!(change, ProductEvent::ProductCreated { .. }))
-            .map(|(_, id, _)| *id)
-            .collect();
-        let mut products = BTreeMap::new();
-        let mut patches: BTreeMap<Uuid, Patch> = BTreeMap::new();
-        for (event, id, change) in changes {
-            if created.contains(&id) {
-                fold(&mut products, event, id, change)?;
-            } else {
-                patches
-                    .entry(id)
-                    .or_insert_with(|| Patch::new(event))
-                    .add(event, change);
-            }
-        }
+        let Split {
+            whole: products,
+            patches,
+        } = fold_or_patch::<_, _, Patch>(
+            changes,
+            |change| matches!(change, ProductEvent::ProductCreated { .. }),
+            fold,
+        )?;
         if !products.is_empty() {
             self.upsert(&mut *connection, products.values().collect())
                 .await?;
@@ -485,7 +476,7 @@ struct Patch {
     version: i64,
 }
 
-impl Patch {
+impl page::Patch<ProductEvent> for Patch {
     fn new(event: &StoredEvent) -> Self {
         Self {
             available: 0,
@@ -501,8 +492,7 @@ impl Patch {
         }
     }
 
-    /// Adds one event, in order. Its stock arithmetic is `fold`'s, given a row holding at
-    /// least the `need_` figures.
+    /// Its stock arithmetic is `fold`'s, given a row holding at least the `need_` figures.
     fn add(&mut self, event: &StoredEvent, change: ProductEvent) {
         let units = |quantity: hindsight_domain::values::Quantity| i64::from(quantity.get());
         match change {
