@@ -109,12 +109,16 @@ fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
     log(line);
 }
 
+/// How long after its phase a measured window may still end (see [`metered`]).
+const WINDOW_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs a load phase and records, over its measured window (from the end of the warm-up
 /// for `settings.duration`), the cores kept busy: by the whole machine (server, Postgres,
 /// NATS, the harness itself) as `<key>.machine_cores`, and by the server alone as
 /// `<key>.server_cores`; and the cores the host took from the machine meanwhile (steal)
 /// as `<key>.stolen_cores`. Call it before [`put_sample`], which adds the server's CPU
-/// time per request.
+/// time per request. A phase that ends well before its window (it failed) records none
+/// of these, and is not kept waiting for the window to run out.
 async fn metered<T>(
     settings: &Settings,
     server_pid: Option<u32>,
@@ -137,7 +141,19 @@ async fn metered<T>(
         ])
     });
     let result = phase.await;
-    if let Ok(Some([machine, server, stolen])) = window.await {
+    // A phase that ran its course ends with its window, give or take the scheduler.
+    let mut window = window;
+    let window = match tokio::time::timeout(WINDOW_GRACE, &mut window).await {
+        Ok(measured) => measured,
+        Err(_) => {
+            window.abort();
+            log(format!(
+                "{key}: the phase ended before its measured window; no CPU figures"
+            ));
+            return result;
+        }
+    };
+    if let Ok(Some([machine, server, stolen])) = window {
         put(figures, format!("{key}.machine_cores"), machine);
         put(figures, format!("{key}.server_cores"), server);
         put(figures, format!("{key}.stolen_cores"), stolen);
@@ -986,6 +1002,59 @@ async fn rebuild_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timed(warmup_ms: u64, duration_ms: u64) -> Settings {
+        Settings {
+            scenarios: Vec::new(),
+            warmup: Duration::from_millis(warmup_ms),
+            duration: Duration::from_millis(duration_ms),
+            history_events: 0,
+            rebuild_events: 0,
+            read_products: 0,
+            keep_rebuild_database: false,
+            lag_timeline: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_phase_that_runs_its_window_records_the_cores_busy() {
+        let mut figures = Figures::new();
+        let phase = tokio::time::sleep(Duration::from_millis(400));
+        metered(
+            &timed(100, 250),
+            Some(std::process::id()),
+            &mut figures,
+            "p",
+            phase,
+        )
+        .await;
+        let keys: Vec<&str> = figures.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["p.machine_cores", "p.server_cores", "p.stolen_cores"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_phase_that_ends_early_records_nothing_and_does_not_wait_for_its_window() {
+        let mut figures = Figures::new();
+        let started = Instant::now();
+        metered(
+            &timed(100, 60_000),
+            Some(std::process::id()),
+            &mut figures,
+            "p",
+            async {},
+        )
+        .await;
+        assert!(figures.is_empty(), "{figures:?}");
+        // Waiting the window out would take a minute; the grace is a second.
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn each_command_waits_for_the_first_progress_that_reaches_it() {
