@@ -157,10 +157,11 @@ impl AuditTrail {
         book: StockBook,
     ) -> Result<bool, ApplyError> {
         let (known_ids, known_available): (Vec<Uuid>, Vec<i64>) = book.known.into_iter().unzip();
-        let mut moved_ids = Vec::with_capacity(book.unread.len());
-        let mut moved_change = Vec::with_capacity(book.unread.len());
-        let mut moved_need = Vec::with_capacity(book.unread.len());
-        for (id, movement) in book.unread {
+        let moves = book.unread.map(|pending| pending.moves).unwrap_or_default();
+        let mut moved_ids = Vec::with_capacity(moves.len());
+        let mut moved_change = Vec::with_capacity(moves.len());
+        let mut moved_need = Vec::with_capacity(moves.len());
+        for (id, movement) in moves {
             moved_ids.push(id);
             moved_change.push(movement.change);
             moved_need.push(movement.need);
@@ -367,11 +368,15 @@ struct Movement {
 struct StockBook {
     /// Products whose stock is known here: read before the batch, or created in it.
     known: BTreeMap<Uuid, i64>,
+    /// While the stock is not read: what the batch does to the others. `None` once it is.
+    unread: Option<Pending>,
+}
+
+/// The stock movements of products whose stock was not read.
+struct Pending {
     /// Products the batch creates, known only from their creation on.
     created: BTreeSet<Uuid>,
-    /// Products moved whose stock was not read; always empty unless `unread_allowed`.
-    unread: BTreeMap<Uuid, Movement>,
-    unread_allowed: bool,
+    moves: BTreeMap<Uuid, Movement>,
 }
 
 /// The available stock after an event, or what the batch has moved it by so far.
@@ -392,9 +397,10 @@ impl StockBook {
             .collect();
         Self {
             known: BTreeMap::new(),
-            created,
-            unread: BTreeMap::new(),
-            unread_allowed: true,
+            unread: Some(Pending {
+                created,
+                moves: BTreeMap::new(),
+            }),
         }
     }
 
@@ -402,9 +408,7 @@ impl StockBook {
     fn read(known: BTreeMap<Uuid, i64>) -> Self {
         Self {
             known,
-            created: BTreeSet::new(),
-            unread: BTreeMap::new(),
-            unread_allowed: false,
+            unread: None,
         }
     }
 }
@@ -498,7 +502,11 @@ fn stock_after(
         };
         return Ok(Available::Known(*available));
     }
-    if !book.unread_allowed || book.created.contains(&id) {
+    let Some(pending) = book
+        .unread
+        .as_mut()
+        .filter(|pending| !pending.created.contains(&id))
+    else {
         return Err(ApplyError::Invariant {
             position: event.position,
             reason: format!(
@@ -506,8 +514,8 @@ fn stock_after(
                 event.event_type
             ),
         });
-    }
-    let movement = book.unread.entry(id).or_default();
+    };
+    let movement = pending.moves.entry(id).or_default();
     if taken {
         movement.need = movement.need.max(units - movement.change);
         movement.change -= units;

@@ -13,7 +13,7 @@ use hindsight_domain::user::{PasswordHash, UserCommand, UserStatus};
 use hindsight_domain::values::{
     Currency, Description, Email, Money, PersonName, ProductName, Quantity, Sku,
 };
-use hindsight_domain::DomainEvent as _;
+use hindsight_domain::DomainEvent;
 use hindsight_projections::audit_trail::{self, AuditTrail, TrailFilter};
 use hindsight_projections::orders::{self, OrderFilter, Orders};
 use hindsight_projections::page::{Page, PageRequest, QueryError};
@@ -1349,6 +1349,27 @@ async fn apply_events(
     }
 }
 
+/// An event applied to read models directly and never stored (so it may be one no
+/// aggregate would write), shaped after `template`, whose metadata and time it keeps.
+fn crafted<E: DomainEvent>(
+    template: &StoredEvent,
+    position: i64,
+    aggregate_type: &str,
+    id: Uuid,
+    sequence: i64,
+    change: &E,
+) -> StoredEvent {
+    let mut event = template.clone();
+    event.event_id = Uuid::new_v4();
+    event.position = position;
+    event.aggregate_type = aggregate_type.to_owned();
+    event.aggregate_id = id.to_string();
+    event.sequence = sequence;
+    event.event_type = change.event_type().to_owned();
+    event.payload = Payload::from_value(&serde_json::to_value(change).unwrap());
+    event
+}
+
 /// Events the aggregate never emits: reservations and releases of more units than there
 /// are. The read models stop stock at zero, as the aggregate's arithmetic does, which a
 /// batch's movements added up cannot show: such a product's events are taken one by one,
@@ -1407,36 +1428,33 @@ async fn stock_moved_below_zero_stops_at_zero_in_every_batching() {
             ProductEvent::ProductRestocked { quantity: qty(4) },
         ),
     ];
-    let mut position = last.position;
-    let crafted: Vec<StoredEvent> = moves
-        .into_iter()
-        .map(|(item, sequence, change)| {
-            position += 1;
-            let mut event = last.clone();
-            event.event_id = Uuid::new_v4();
-            event.position = position;
-            event.aggregate_type = "product".to_owned();
-            event.aggregate_id = item.id.to_string();
-            event.sequence = sequence;
-            event.event_type = change.event_type().to_owned();
-            event.payload = Payload::from_value(&serde_json::to_value(&change).unwrap());
-            event
+    let impossible: Vec<StoredEvent> = (last.position + 1..)
+        .zip(moves)
+        .map(|(position, (item, sequence, change))| {
+            crafted(
+                &last,
+                position,
+                "product",
+                item.id.as_uuid(),
+                sequence,
+                &change,
+            )
         })
         .collect();
-    let all: Vec<StoredEvent> = stored.iter().chain(&crafted).cloned().collect();
+    let all: Vec<StoredEvent> = stored.iter().chain(&impossible).cloned().collect();
 
     let pool = &shop.db.pool;
     let live: [Box<dyn ReadModel>; 2] = [Box::new(Products::live()), Box::new(AuditTrail::live())];
     for model in &live {
-        // Stored first, then the crafted batch whole: products created before it.
+        // Stored first, then the impossible batch whole: products created before it.
         apply_events(pool, model.as_ref(), &stored, 10_000).await;
-        apply_events(pool, model.as_ref(), &crafted, 10_000).await;
+        apply_events(pool, model.as_ref(), &impossible, 10_000).await;
     }
 
     let view = products::get(pool, short.id).await.unwrap().unwrap();
     assert_eq!((view.stock_available, view.stock_reserved), (11, 0));
     assert_eq!(view.version, 4);
-    assert_eq!(view.updated_at, crafted[4].recorded_at);
+    assert_eq!(view.updated_at, impossible[4].recorded_at);
     let view = products::get(pool, plenty.id).await.unwrap().unwrap();
     assert_eq!((view.stock_available, view.stock_reserved), (8, 0));
     assert_eq!(view.version, 3);
@@ -1519,40 +1537,33 @@ async fn events_of_entities_never_created_fail_the_batch() {
     }
 
     let (ghost_order, ghost_product) = (Uuid::new_v4(), Uuid::new_v4());
-    let crafted = |position: i64, aggregate_type: &str, id: Uuid, event_type: &str, payload| {
-        let mut event = last.clone();
-        event.event_id = Uuid::new_v4();
-        event.position = position;
-        event.aggregate_type = aggregate_type.to_owned();
-        event.aggregate_id = id.to_string();
-        event.sequence = 2;
-        event.event_type = event_type.to_owned();
-        event.payload = Payload::from_value(&payload);
-        event
-    };
     let restock = ProductEvent::ProductRestocked { quantity: qty(1) };
-    let real_restock = crafted(
-        last.position + 1,
-        "product",
-        tea.id.as_uuid(),
-        restock.event_type(),
-        serde_json::to_value(&restock).unwrap(),
-    );
-    let ghost_restock = crafted(
-        last.position + 2,
-        "product",
-        ghost_product,
-        restock.event_type(),
-        serde_json::to_value(&restock).unwrap(),
-    );
-    let ghost_confirmation = crafted(
-        last.position + 3,
-        "order",
-        ghost_order,
-        OrderEvent::OrderConfirmed.event_type(),
-        serde_json::to_value(OrderEvent::OrderConfirmed).unwrap(),
-    );
-    let batch = [real_restock, ghost_restock, ghost_confirmation];
+    let batch = [
+        crafted(
+            &last,
+            last.position + 1,
+            "product",
+            tea.id.as_uuid(),
+            2,
+            &restock,
+        ),
+        crafted(
+            &last,
+            last.position + 2,
+            "product",
+            ghost_product,
+            2,
+            &restock,
+        ),
+        crafted(
+            &last,
+            last.position + 3,
+            "order",
+            ghost_order,
+            2,
+            &OrderEvent::OrderConfirmed,
+        ),
+    ];
 
     for (model, position) in
         models
