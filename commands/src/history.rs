@@ -76,8 +76,10 @@ impl HistoryFilter {
                 .push_bind(aggregate_type);
         }
         if let Some(aggregate_id) = self.aggregate_id {
+            // In the "C" collation, the one `events_aggregate_id_idx` answers (migration
+            // 0014): without a type, the primary key cannot serve this filter.
             query
-                .push(" AND aggregate_id = ")
+                .push(" AND aggregate_id COLLATE \"C\" = ")
                 .push_bind(aggregate_id.to_string());
         }
         if let Some(actor_id) = self.actor_id {

@@ -786,6 +786,51 @@ async fn confirming_a_cached_aggregate_reads_one_index_entry_whatever_its_histor
         .unwrap();
 }
 
+/// Index entries read by this transaction's scans of the event store's indexes so far.
+async fn event_index_entries_read(connection: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid))::int8 \
+         FROM pg_index WHERE indrelid = 'events'::regclass",
+    )
+    .fetch_one(connection)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_append_reads_one_index_entry_whatever_its_streams_length() {
+    // The chain trigger finds each event's predecessor with one generic plan per session,
+    // made at the session's first append. In a new database Postgres has no statistics,
+    // and a plan made then took the audit feed's index by aggregate id and filtered the
+    // stream's whole history for every append (migration 0014). This session's first
+    // append is made on such a table.
+    let db = TestDb::new().await;
+    let mut connection = db.pool.acquire().await.unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *connection).await.unwrap();
+    let before = event_index_entries_read(&mut tx).await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'test', 'long', s, 'Happened', '1', '{}', '{}' FROM generate_series(1, 200) s",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let after_bulk = event_index_entries_read(&mut tx).await;
+    assert_eq!(
+        after_bulk - before,
+        199,
+        "a bulk append reads each event's predecessor once, not the stream before it"
+    );
+    hindsight_tests::append_raw_event(&mut tx, "long", 201, "Happened").await;
+    let after_one = event_index_entries_read(&mut tx).await;
+    assert_eq!(
+        after_one - after_bulk,
+        1,
+        "the 201st event reads its predecessor's entry only"
+    );
+    tx.rollback().await.unwrap();
+}
+
 #[tokio::test]
 async fn commands_without_the_aggregate_cache_behave_the_same() {
     let db = TestDb::new().await;

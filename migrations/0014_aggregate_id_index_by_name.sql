@@ -1,0 +1,21 @@
+-- The audit feed's index of events by aggregate id alone answers only queries that ask for
+-- it by its collation.
+--
+-- `events_aggregate_id_idx (aggregate_id, position)` (0007) competed with the primary key
+-- `(aggregate_type, aggregate_id, sequence)` for every lookup of one event of a stream.
+-- While the table is small and has no statistics (a new database), Postgres guesses both to
+-- find one row and prefers the narrower index. The chain trigger's predecessor lookup keeps
+-- the generic plan it makes at a session's first append (0012) until the table's statistics
+-- change, so every session opened then filtered its streams' whole history through this
+-- index until the next ANALYZE (autovacuum runs one as the table grows; without autovacuum,
+-- never): an append to a product with 1,000 events read 1,000 index entries and their rows,
+-- and a bulk append of n events to one stream read n²/2. In a benchmark of 20-second write
+-- phases against a new database, with autovacuum off, a fifth of the machine's CPU went there.
+--
+-- Built with the "C" collation, the index can only serve a comparison made in that
+-- collation (`aggregate_id COLLATE "C" = $1`, which `hindsight_commands::history` writes);
+-- a plain `aggregate_id = $1`, as in the trigger and the loaders, can only use the primary
+-- key. Equality means the same in both collations (they are deterministic), so the feed
+-- finds the same events.
+DROP INDEX events_aggregate_id_idx;
+CREATE INDEX events_aggregate_id_idx ON events (aggregate_id COLLATE "C", position);
