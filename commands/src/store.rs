@@ -394,6 +394,38 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Ok(Some(Loaded { state, version }))
     }
 
+    /// What `read` makes of an aggregate's current state, without copying the state:
+    /// `None` if it has no events. Confirmed like [`load`](Self::load): a cached entry
+    /// counts only if the store holds no later event, else the aggregate is read afresh
+    /// (and `read` called on that). For callers that need a few fields of a state that
+    /// can be large (placing an order reads its products' names and prices; a product's
+    /// state holds every order that reserved it).
+    pub async fn read<R>(
+        &self,
+        id: Uuid,
+        read: impl Fn(&A) -> R,
+    ) -> Result<Option<Loaded<R>>, StoreError> {
+        let cached = self
+            .cache()
+            .peek(&id)
+            .map(|entry| (entry.version, read(&entry.state)));
+        if let Some((version, state)) = cached {
+            if self.current_version(id).await? == version {
+                return Ok((version > 0).then_some(Loaded { state, version }));
+            }
+        }
+        let entry = self.load_fresh(id).await?;
+        if entry.version == 0 {
+            return Ok(None);
+        }
+        let loaded = Loaded {
+            state: read(&entry.state),
+            version: entry.version,
+        };
+        self.keep(id, entry);
+        Ok(Some(loaded))
+    }
+
     /// Decides `command` against aggregate `id` and appends its events.
     ///
     /// With `expected_version`, the command is refused with

@@ -678,6 +678,48 @@ async fn a_stale_aggregate_cache_never_decides_wrongly() {
 }
 
 #[tokio::test]
+async fn a_read_of_part_of_a_cached_aggregate_answers_what_the_store_holds() {
+    // `read` hands a closure the cached state instead of a copy of it; like `load`, it
+    // must not answer from a copy another process has made stale.
+    let db = TestDb::new().await;
+    let a = db.commands(StoreSettings::default());
+    let b = db.commands(StoreSettings::default());
+    let id = created_product(&a, "SKU-READ", 2).await.as_uuid();
+    let stock = |product: &hindsight_domain::product::Product| product.stock_available();
+
+    let read = a.products.read(id, stock).await.unwrap().unwrap();
+    assert_eq!(
+        (read.state, read.version),
+        (2, 1),
+        "the cached copy, current"
+    );
+
+    b.products
+        .execute(id, restock(5), &metadata("b1"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let read = a.products.read(id, stock).await.unwrap().unwrap();
+    assert_eq!(
+        (read.state, read.version),
+        (7, 2),
+        "a copy the store has moved past is read afresh"
+    );
+    // The stale copy is gone from A's cache: its next command appends without a conflict.
+    let restocked = a
+        .products
+        .execute(id, restock(1), &metadata("a1"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restocked.version, 3);
+    assert_eq!(db.unused_positions().await, 0, "no append conflicted");
+
+    let unknown = a.products.read(uuid::Uuid::new_v4(), stock).await.unwrap();
+    assert!(unknown.is_none(), "an id without events is no aggregate");
+}
+
+#[tokio::test]
 async fn a_command_on_a_minted_id_that_holds_events_is_decided_on_the_stored_aggregate() {
     // `execute_new` skips the load for an id its caller just minted. Should the id hold
     // events after all (here: another process created the product), nothing may be

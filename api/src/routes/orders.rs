@@ -104,26 +104,40 @@ async fn place(
             );
             continue;
         };
-        let product = state.commands.products.load(line.product_id).await?;
-        let Some(product) = product.map(|loaded| loaded.state) else {
+        // The product's name, SKU, price and status only: its whole state holds every
+        // order that ever reserved it.
+        let product = state
+            .commands
+            .products
+            .read(line.product_id, |product| {
+                let listed = match (product.sku(), product.name(), product.price()) {
+                    (Some(sku), Some(name), Some(price)) => {
+                        Some((sku.clone(), name.clone(), price))
+                    }
+                    _ => None,
+                };
+                (product.is_discontinued(), listed)
+            })
+            .await?;
+        let Some((discontinued, listed)) = product.map(|loaded| loaded.state) else {
             fields.fail(&format!("lines[{index}].product_id"), "is not a product");
             continue;
         };
-        if product.is_discontinued() {
+        if discontinued {
             return Err(ApiError::Conflict {
                 code: "PRODUCT_DISCONTINUED",
                 message: format!("product {} is discontinued", line.product_id),
             });
         }
-        match (product.sku(), product.name(), product.price()) {
-            (Some(sku), Some(name), Some(price)) => lines.push(NewOrderLine {
+        match listed {
+            Some((sku, name, unit_price)) => lines.push(NewOrderLine {
                 product_id: ProductId::from_uuid(line.product_id),
-                sku: sku.clone(),
-                name: name.clone(),
+                sku,
+                name,
                 quantity,
-                unit_price: price,
+                unit_price,
             }),
-            _ => fields.fail(&format!("lines[{index}].product_id"), "is not a product"),
+            None => fields.fail(&format!("lines[{index}].product_id"), "is not a product"),
         }
     }
     fields.finish()?;
