@@ -394,21 +394,22 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Ok(Some(Loaded { state, version }))
     }
 
-    /// What `read` makes of an aggregate's current state, without copying the state:
+    /// What `part` makes of an aggregate's current state, without copying the state:
     /// `None` if it has no events. Confirmed like [`load`](Self::load): a cached entry
     /// counts only if the store holds no later event, else the aggregate is read afresh
-    /// (and `read` called on that). For callers that need a few fields of a state that
-    /// can be large (placing an order reads its products' names and prices; a product's
-    /// state holds every order that reserved it).
+    /// (and `part` called again, on that). For callers that need a few fields of a state
+    /// that can be large (placing an order reads its products' names and prices; a
+    /// product's state holds every order that reserved it). `part` runs while the cache
+    /// is locked: it should take what it needs and no more.
     pub async fn read<R>(
         &self,
         id: Uuid,
-        read: impl Fn(&A) -> R,
+        part: impl Fn(&A) -> R,
     ) -> Result<Option<Loaded<R>>, StoreError> {
         let cached = self
             .cache()
             .peek(&id)
-            .map(|entry| (entry.version, read(&entry.state)));
+            .map(|entry| (entry.version, part(&entry.state)));
         if let Some((version, state)) = cached {
             if self.current_version(id).await? == version {
                 return Ok((version > 0).then_some(Loaded { state, version }));
@@ -419,7 +420,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             return Ok(None);
         }
         let loaded = Loaded {
-            state: read(&entry.state),
+            state: part(&entry.state),
             version: entry.version,
         };
         self.keep(id, entry);
