@@ -1593,3 +1593,76 @@ async fn events_of_entities_never_created_fail_the_batch() {
         }
     }
 }
+
+/// Rows read by this transaction's sequential scans of `table` so far.
+async fn rows_scanned(connection: &mut sqlx::PgConnection, table: &str) -> i64 {
+    sqlx::query_scalar("SELECT pg_stat_get_xact_tuples_returned($1::regclass)")
+        .bind(table)
+        .fetch_one(connection)
+        .await
+        .unwrap()
+}
+
+/// The orders read model changes the orders of a batch by joining them to `order_views`
+/// by id. A plan of that statement made on one session while the table was small (a
+/// hash join over the whole table) was kept as the table grew, until an `ANALYZE`:
+/// every batch then read every order. Here one session applies a dozen batches to a
+/// small table, the table grows by 20,000 orders, and the next batch must still read
+/// its own rows only.
+#[tokio::test]
+async fn an_orders_batch_reads_its_own_rows_however_the_table_grew_under_its_session() {
+    let shop = Shop::open().await;
+    let customer = shop
+        .register(
+            Actor::anonymous(),
+            "grow@example.com",
+            "Gro Wing",
+            Role::Customer,
+        )
+        .await;
+    let tea = shop
+        .create_product("GROW-1", "Tea", "Green", 500, 100)
+        .await;
+    for _ in 0..12 {
+        shop.place(customer, &[(&tea, 1)]).await;
+    }
+    let model = Orders::live();
+    let mut session = shop.db.pool.acquire().await.unwrap();
+    let early = shop.events().await;
+    for event in &early {
+        let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
+        model
+            .apply(&mut tx, std::slice::from_ref(event))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    sqlx::query(
+        "INSERT INTO order_views (id, customer_id, status, lines, total_amount, total_currency, \
+                                  created_at, updated_at, version) \
+         SELECT gen_random_uuid(), $1, 'confirmed', '[]', 500, 'EUR', now(), now(), 2 \
+         FROM generate_series(1, 20000)",
+    )
+    .bind(customer.as_uuid())
+    .execute(&shop.db.pool)
+    .await
+    .unwrap();
+    let last = shop.place(customer, &[(&tea, 1)]).await;
+    let late: Vec<StoredEvent> = shop.events().await.into_iter().skip(early.len()).collect();
+    let (placed, rest): (Vec<_>, Vec<_>) = late
+        .into_iter()
+        .partition(|event| event.event_type == "OrderPlaced");
+    let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
+    model.apply(&mut tx, &placed).await.unwrap();
+    let before = rows_scanned(&mut tx, "order_views").await;
+    model.apply(&mut tx, &rest).await.unwrap();
+    let scanned = rows_scanned(&mut tx, "order_views").await - before;
+    tx.commit().await.unwrap();
+    assert_eq!(
+        scanned, 0,
+        "the confirmation read its order by id, not the table"
+    );
+    let view = orders::get(&shop.db.pool, last).await.unwrap().unwrap();
+    assert_eq!(view.status, OrderStatus::Confirmed);
+}
