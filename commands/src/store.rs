@@ -372,35 +372,19 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         })
     }
 
-    /// Loads an aggregate's current state; `None` if it has no events.
+    /// Loads an aggregate's current state (a copy; see [`read`](Self::read) for a few
+    /// fields of it); `None` if it has no events.
     pub async fn load(&self, id: Uuid) -> Result<Option<Loaded<A>>, StoreError> {
-        let entry = match self.peek_cached(id) {
-            Some(entry) => self.confirmed(id, entry).await?,
-            None => self.load_fresh(id).await?,
-        };
-        if entry.version == 0 {
-            return Ok(None);
-        }
-        let version = entry.version;
-        // A copy confirmed current is already in the cache: hand it over without a second
-        // copy (states can be large).
-        let state = if holds(&self.cache(), id, version) {
-            entry.state
-        } else {
-            let state = entry.state.clone();
-            self.keep(id, entry);
-            state
-        };
-        Ok(Some(Loaded { state, version }))
+        self.read(id, A::clone).await
     }
 
     /// What `part` makes of an aggregate's current state, without copying the state:
-    /// `None` if it has no events. Confirmed like [`load`](Self::load): a cached entry
-    /// counts only if the store holds no later event, else the aggregate is read afresh
-    /// (and `part` called again, on that). For callers that need a few fields of a state
-    /// that can be large (placing an order reads its products' names and prices; a
-    /// product's state holds every order that reserved it). `part` runs while the cache
-    /// is locked: it should take what it needs and no more.
+    /// `None` if it has no events. A cached entry counts only if the store holds no later
+    /// event (one index lookup); else the aggregate is read afresh, kept in the cache, and
+    /// `part` called again on it. For callers that need a few fields of a state that can
+    /// be large (placing an order reads its products' names and prices; a product's state
+    /// holds every order that reserved it). `part` runs while the cache is locked: it
+    /// should take what it needs and no more.
     pub async fn read<R>(
         &self,
         id: Uuid,
