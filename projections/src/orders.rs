@@ -129,11 +129,10 @@ impl Orders {
             updated_at.push(patch.updated_at);
             version.push(patch.version);
         }
-        // Planned for each batch with its real sizes (an unnamed statement), not once per
-        // session: a plan made while the table was small joins the whole table by hash,
-        // and Postgres keeps a session's plan until the table is analysed again. Orders
-        // only ever grow, so without autovacuum every batch read every order (12.9 ms a
-        // batch at 60,000 orders in the benchmark, against ~0.3 ms by the primary key).
+        // Planned for each batch (the batch's transaction forces custom plans, see
+        // `worker::BATCH_SETTINGS`): a session's generic plan made while the table was
+        // small joins the whole table by hash, and orders only ever grow (12.9 ms a batch
+        // at 60,000 orders in the benchmark, against ~0.3 ms by the primary key).
         let changed: BTreeSet<Uuid> = sqlx::query_scalar(&format!(
             "UPDATE {} AS o SET status = COALESCE(u.status, o.status), \
                  rejection_reason = COALESCE(u.rejection_reason, o.rejection_reason), \
@@ -145,7 +144,6 @@ impl Orders {
              RETURNING o.id",
             self.table
         ))
-        .persistent(false)
         .bind(&id)
         .bind(status)
         .bind(rejection_reason)

@@ -22,11 +22,12 @@ use std::time::Instant;
 use hindsight_commands::event::{read_events, read_events_on, EventDecodeError};
 use hindsight_commands::StoredEvent;
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::read_model::{ApplyError, ReadModel};
+use crate::worker::BATCH_SETTINGS;
 
 /// The suffix of the tables a rebuild fills.
 pub const SUFFIX: &str = "_rebuild";
@@ -559,10 +560,10 @@ async fn fill(
     {
         let mut tx = hindsight_commands::db::begin(&pool).await?;
         // A copy is worth nothing until it is swapped in, by a transaction that commits
-        // durably after every batch: no batch needs to wait for its own flush.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
+        // durably after every batch: no batch needs to wait for its own flush. A copy
+        // grows from nothing to the whole history, on pooled sessions that keep their
+        // prepared statements: each batch's statements are planned for the copy as it is.
+        tx.execute(sqlx::raw_sql(BATCH_SETTINGS)).await?;
         copy.apply(&mut tx, &events).await?;
         events_done += events.len() as u64;
         let report = Progress {

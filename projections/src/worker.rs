@@ -45,6 +45,24 @@ use crate::read_model::{ApplyError, ReadModel};
 /// The channel a committed projection batch notifies, with payload `name:position`.
 pub const PROGRESS_CHANNEL: &str = "hindsight_projections";
 
+/// What every read model's batch transaction sets for itself: a live worker's, and a
+/// rebuild's while it fills its copies.
+///
+/// - `synchronous_commit = off`: a read model is derived from the events, which are
+///   durable before the relay publishes them, so its batches need not wait for their own
+///   WAL flush. If the database crashes before the flush, the checkpoint goes back with
+///   the rows and the batch is applied again from the store.
+/// - `plan_cache_mode = force_custom_plan`: each statement is planned for the batch in
+///   hand. A worker's session prepares its statements once and, left to itself, Postgres
+///   settles on one generic plan per statement after five runs, made with whatever the
+///   table looked like then, and keeps it until the table is analysed again. Made while a
+///   table was small, such a plan joins a batch to the whole table by hash; without
+///   autovacuum every later batch reads every row (Postgres's estimates follow a table's
+///   size even when it was never analysed, so a fresh plan does not). Planning costs tens
+///   of microseconds a statement; the statements stay prepared, so it costs no round trip.
+pub const BATCH_SETTINGS: &str =
+    "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan";
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// JetStream stream to consume.
@@ -907,12 +925,10 @@ impl ProjectionWorker {
     ) -> Result<(), CommitError> {
         let name = model.name();
         let mut tx = connection.begin().await?;
-        // A read model is derived from the events, which are durable before the relay
-        // publishes them: its batches need not wait for their own WAL flush. If the
-        // database crashes before the flush, the checkpoint goes back with the rows and
-        // the worker applies those events again from the store.
+        // The settings of `BATCH_SETTINGS`, set with the lock to save a round trip.
         let (current,): (i64,) = sqlx::query_as(
-            "SELECT position, set_config('synchronous_commit', 'off', true) \
+            "SELECT position, set_config('synchronous_commit', 'off', true), \
+                    set_config('plan_cache_mode', 'force_custom_plan', true) \
              FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
         )
         .bind(name)
@@ -953,19 +969,16 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 }
 
 /// Begins a transaction on `connection` and locks the checkpoint rows of `names` that no
-/// one else holds, in one round trip: `BEGIN`, the lock and the setting below travel as
+/// one else holds, in one round trip: `BEGIN`, [`BATCH_SETTINGS`] and the lock travel as
 /// one simple query, so the names are written into it as literals (read-model names are
 /// constants of this crate; [`literal_list`] refuses anything else). Answers the locked
-/// rows' names and positions. A read model is derived from the events, which are durable
-/// before the relay publishes them, so its batches need not wait for their own WAL flush:
-/// if the database crashes before the flush, the checkpoint goes back with the rows and the
-/// worker applies those events again from the store.
+/// rows' names and positions.
 async fn open_locked(
     connection: &mut PgConnection,
     names: &[&str],
 ) -> Result<Vec<(String, i64)>, CommitError> {
     let statements = format!(
-        "BEGIN; SET LOCAL synchronous_commit = off; \
+        "BEGIN; {BATCH_SETTINGS}; \
          SELECT name, position FROM projection_checkpoints \
          WHERE name IN ({}) FOR UPDATE SKIP LOCKED",
         literal_list(names)?

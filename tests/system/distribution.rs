@@ -427,7 +427,10 @@ async fn ledger_system() -> (TestDb, TestStream, CancellationToken) {
 
 async fn ledger_table(db: &TestDb) {
     sqlx::query(
-        "CREATE TABLE test_ledger (projection text, position bigint, PRIMARY KEY (projection, position))",
+        "CREATE TABLE test_ledger (projection text, position bigint, \
+             plan_cache_mode text NOT NULL DEFAULT current_setting('plan_cache_mode'), \
+             synchronous_commit text NOT NULL DEFAULT current_setting('synchronous_commit'), \
+             PRIMARY KEY (projection, position))",
     )
     .execute(&db.pool)
     .await
@@ -536,6 +539,39 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
     projection_reaches(&db, "ledger", last).await;
     assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
     again.cancel();
+    relay_stop.cancel();
+}
+
+/// Every batch a worker applies, catching up from the store or following the stream, runs
+/// under `worker::BATCH_SETTINGS`: each ledger row keeps the settings of the transaction
+/// that wrote it.
+#[tokio::test]
+async fn a_workers_batches_run_under_the_batch_settings_catching_up_and_live() {
+    let (db, stream, relay_stop) = ledger_system().await;
+    let product = create_product(&db, "SETTINGS-1").await;
+    let mut last = 0;
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    relay_reaches(&db, &stream, last).await;
+    let worker_stop = spawn_worker(&db, &stream, ledger_model("ledger", true));
+    projection_goes_live(&db, "ledger").await;
+    for n in 1..=5 {
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "ledger", last).await;
+
+    let settings: Vec<(String, String)> =
+        sqlx::query_as("SELECT DISTINCT plan_cache_mode, synchronous_commit FROM test_ledger")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        settings,
+        [("force_custom_plan".to_owned(), "off".to_owned())]
+    );
+    assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
+    worker_stop.cancel();
     relay_stop.cancel();
 }
 

@@ -21,6 +21,7 @@ use hindsight_projections::products::{self, ProductFilter, ProductSort, Products
 use hindsight_projections::read_model::{ApplyError, ReadModel};
 use hindsight_projections::sales::{self, Sales};
 use hindsight_projections::users::{self, UserFilter, Users};
+use hindsight_projections::worker;
 use hindsight_tests::{append_raw_event, TestDb};
 use uuid::Uuid;
 
@@ -1603,6 +1604,34 @@ async fn rows_scanned(connection: &mut sqlx::PgConnection, table: &str) -> i64 {
         .unwrap()
 }
 
+/// Begins a batch's transaction on `session` as the projection workers and rebuilds do,
+/// with [`worker::BATCH_SETTINGS`].
+async fn begin_batch(session: &mut sqlx::PgConnection) -> sqlx::Transaction<'_, sqlx::Postgres> {
+    let mut tx = sqlx::Connection::begin(session).await.unwrap();
+    sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(worker::BATCH_SETTINGS))
+        .await
+        .unwrap();
+    tx
+}
+
+/// Applies each of `events` to `models` in a batch of its own on `session`.
+async fn apply_one_by_one(
+    session: &mut sqlx::PgConnection,
+    models: &[&dyn ReadModel],
+    events: &[StoredEvent],
+) {
+    for event in events {
+        let mut tx = begin_batch(&mut *session).await;
+        for model in models {
+            model
+                .apply(&mut tx, std::slice::from_ref(event))
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+}
+
 /// The orders read model changes the orders of a batch by joining them to `order_views`
 /// by id. A plan of that statement made on one session while the table was small (a
 /// hash join over the whole table) was kept as the table grew, until an `ANALYZE`:
@@ -1629,14 +1658,7 @@ async fn an_orders_batch_reads_its_own_rows_however_the_table_grew_under_its_ses
     let model = Orders::live();
     let mut session = shop.db.pool.acquire().await.unwrap();
     let early = shop.events().await;
-    for event in &early {
-        let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
-        model
-            .apply(&mut tx, std::slice::from_ref(event))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
+    apply_one_by_one(&mut session, &[&model], &early).await;
 
     sqlx::query(
         "INSERT INTO order_views (id, customer_id, status, lines, total_amount, total_currency, \
@@ -1653,7 +1675,7 @@ async fn an_orders_batch_reads_its_own_rows_however_the_table_grew_under_its_ses
     let (placed, rest): (Vec<_>, Vec<_>) = late
         .into_iter()
         .partition(|event| event.event_type == "OrderPlaced");
-    let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
+    let mut tx = begin_batch(&mut session).await;
     model.apply(&mut tx, &placed).await.unwrap();
     let before = rows_scanned(&mut tx, "order_views").await;
     model.apply(&mut tx, &rest).await.unwrap();
@@ -1665,4 +1687,66 @@ async fn an_orders_batch_reads_its_own_rows_however_the_table_grew_under_its_ses
     );
     let view = orders::get(&shop.db.pool, last).await.unwrap().unwrap();
     assert_eq!(view.status, OrderStatus::Confirmed);
+}
+
+/// The same for the tables that grow with the catalogue: the products read model joins a
+/// batch's stock movements to `product_views`, the audit trail to its stock of each
+/// product. One session applies a dozen restocks while the catalogue is one product, the
+/// catalogue grows by 20,000 products, and the next restock must read neither table
+/// whole.
+#[tokio::test]
+async fn a_restock_batch_reads_its_own_rows_however_the_catalogue_grew_under_its_session() {
+    let shop = Shop::open().await;
+    let tea = shop
+        .create_product("GROW-2", "Tea", "Green", 500, 100)
+        .await;
+    let restock = || ProductCommand::Restock { quantity: qty(1) };
+    for _ in 0..12 {
+        shop.product(shop.as_admin(), tea.id, restock()).await;
+    }
+    let (products, trail) = (Products::live(), AuditTrail::live());
+    let models: [&dyn ReadModel; 2] = [&products, &trail];
+    let mut session = shop.db.pool.acquire().await.unwrap();
+    let early = shop.events().await;
+    apply_one_by_one(&mut session, &models, &early).await;
+
+    sqlx::query(
+        "INSERT INTO product_views (id, sku, name, description, price_amount, price_currency, \
+                                    stock_available, stock_reserved, status, created_at, \
+                                    updated_at, version) \
+         SELECT gen_random_uuid(), 'BULK-' || n, 'Bulk', 'Filler', 100, 'EUR', 5, 0, 'active', \
+                now(), now(), 1 \
+         FROM generate_series(1, 20000) AS n",
+    )
+    .execute(&shop.db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO audit_trail_product_stock (product_id, stock_available) \
+         SELECT gen_random_uuid(), 5 FROM generate_series(1, 20000)",
+    )
+    .execute(&shop.db.pool)
+    .await
+    .unwrap();
+    shop.product(shop.as_admin(), tea.id, restock()).await;
+    let late: Vec<StoredEvent> = shop.events().await.into_iter().skip(early.len()).collect();
+    assert_eq!(late.len(), 1);
+    let mut tx = begin_batch(&mut session).await;
+    for (model, table) in models
+        .iter()
+        .zip(["product_views", "audit_trail_product_stock"])
+    {
+        let before = rows_scanned(&mut tx, table).await;
+        model.apply(&mut tx, &late).await.unwrap();
+        let scanned = rows_scanned(&mut tx, table).await - before;
+        assert_eq!(
+            scanned,
+            0,
+            "{}: the restock read {table} whole",
+            model.name()
+        );
+    }
+    tx.commit().await.unwrap();
+    let view = products::get(&shop.db.pool, tea.id).await.unwrap().unwrap();
+    assert_eq!(view.stock_available, 113);
 }
