@@ -5,7 +5,8 @@
 //! serving queries and following the stream. Several projections rebuilt together share
 //! one reading of the history: each batch is read and decoded once and applied to every
 //! copy by a task of its own, on a connection of its own. The copies' secondary indexes
-//! are built once, after the replay. When a copy has caught up with its live checkpoint,
+//! are built once, after the replay, and each copy is analysed after them, so it goes live
+//! with statistics. When a copy has caught up with its live checkpoint,
 //! it is compared with the live model, table by table, in a snapshot that sees both at
 //! the same position (taken while the checkpoint row is locked, so the live worker leaves
 //! this read model alone for that moment, and compared after the lock is released); then
@@ -587,7 +588,8 @@ async fn fill(
 ///    rebuild's own guard connection), the copy catches up to the live position, that is
 ///    committed, and a snapshot is taken that sees both at it; then the worker goes on.
 /// 2. In that snapshot copy and live are compared, table by table, while the copy's
-///    deferred indexes are built, all at once, each on a connection of its own.
+///    deferred indexes are built, all at once, each on a connection of its own, and then
+///    its tables analysed.
 /// 3. One transaction pauses the live worker again, applies the events the copy still
 ///    lacks and renames the copy into place.
 ///
@@ -655,12 +657,29 @@ async fn finish(
         Ok::<_, sqlx::Error>(differences)
     };
     // An index build is mostly one backend sorting, and a copy's indexes are the last
-    // thing its swap waits for.
-    let indexing = futures::future::try_join_all(
-        deferred
-            .iter()
-            .map(|definition| sqlx::query(definition).execute(pool)),
-    );
+    // thing its swap waits for. Then each copy is analysed, so that it goes live with
+    // statistics of its own, not none: the queries planned on it from the swap on would
+    // otherwise guess at every filter's selectivity until autovacuum came by (never, where
+    // it is off). Not beside the index builds: `ANALYZE` and `CREATE INDEX` take locks
+    // that exclude each other, and a queued `ANALYZE` would hold up the builds behind it.
+    let analyses: Vec<String> = tables
+        .iter()
+        .map(|(_, copy_table)| format!("ANALYZE {copy_table}"))
+        .collect();
+    let indexing = async {
+        futures::future::try_join_all(
+            deferred
+                .iter()
+                .map(|definition| sqlx::query(definition).execute(pool)),
+        )
+        .await?;
+        futures::future::try_join_all(
+            analyses
+                .iter()
+                .map(|analyse| pool.execute(sqlx::raw_sql(analyse))),
+        )
+        .await
+    };
     let (differences, _) = futures::future::try_join(comparing, indexing).await?;
 
     // 3. The swap.

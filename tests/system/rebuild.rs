@@ -67,10 +67,7 @@ async fn restock(system: &TestSystem, product: ProductId) {
 /// Every index of the read models' tables, with its name (a rebuilt table's indexes
 /// keep the names the live ones had).
 async fn index_definitions(system: &TestSystem) -> Vec<String> {
-    let tables: Vec<String> = hindsight_projections::live_read_models()
-        .iter()
-        .flat_map(|model| model.tables())
-        .collect();
+    let tables = read_model_tables();
     sqlx::query_scalar(
         "SELECT tablename || ': ' || indexdef FROM pg_indexes WHERE tablename = ANY($1) ORDER BY 1",
     )
@@ -78,6 +75,28 @@ async fn index_definitions(system: &TestSystem) -> Vec<String> {
     .fetch_all(&system.db.pool)
     .await
     .unwrap()
+}
+
+fn read_model_tables() -> Vec<String> {
+    hindsight_projections::live_read_models()
+        .iter()
+        .flat_map(|model| model.tables())
+        .collect()
+}
+
+/// Each read model table, and whether it was ever analysed by a command (autovacuum's
+/// analyses are counted apart, and the tests' Postgres may run none).
+async fn analysed(system: &TestSystem) -> Vec<(String, bool)> {
+    let mut tables: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT relname::text, last_analyze IS NOT NULL FROM pg_stat_user_tables \
+         WHERE relname = ANY($1)",
+    )
+    .bind(read_model_tables())
+    .fetch_all(&system.db.pool)
+    .await
+    .unwrap();
+    tables.sort();
+    tables
 }
 
 /// `products` new products, each restocked `restocks` times, all projected.
@@ -207,6 +226,12 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
         .unwrap();
 
     let indexes_before = index_definitions(&system).await;
+    let mut tables = read_model_tables();
+    tables.sort();
+    assert!(analysed(&system)
+        .await
+        .iter()
+        .all(|(_, analysed)| !analysed));
     assert!(
         indexes_before
             .iter()
@@ -254,8 +279,11 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
         assert_eq!(status.status, "done", "{name}");
     }
 
-    // The rebuilt models are live, indexed as before, right, and keep following the stream.
+    // The rebuilt models are live, indexed as before, analysed, right, and keep following
+    // the stream.
     assert_eq!(index_definitions(&system).await, indexes_before);
+    let expected: Vec<(String, bool)> = tables.into_iter().map(|table| (table, true)).collect();
+    assert_eq!(analysed(&system).await, expected);
     restock(&system, products[0]).await;
     all_at_head(&system).await;
     let stock: i64 = sqlx::query_scalar("SELECT stock_available FROM product_views WHERE id = $1")
