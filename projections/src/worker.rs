@@ -58,8 +58,9 @@ pub const PROGRESS_CHANNEL: &str = "hindsight_projections";
 ///   table looked like then, and keeps it until the table is analysed again. Made while a
 ///   table was small, such a plan joins a batch to the whole table by hash; without
 ///   autovacuum every later batch reads every row (Postgres's estimates follow a table's
-///   size even when it was never analysed, so a fresh plan does not). Planning costs tens
-///   of microseconds a statement; the statements stay prepared, so it costs no round trip.
+///   size even when it was never analysed, so a fresh plan does not). Planning costs
+///   from tens of microseconds a statement to half a millisecond for the audit trail's
+///   (BENCHMARKS.md); the statements stay prepared, so it costs no round trip.
 pub const BATCH_SETTINGS: &str =
     "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan";
 
