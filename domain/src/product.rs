@@ -4,14 +4,18 @@
 //! for orders that have not yet been paid or dropped. A reservation belongs to one order
 //! and ends exactly once, either released back to available stock or committed (sold).
 //! Reservation commands are idempotent per order, because the order process retries them:
-//! a repeated reserve never takes stock twice, and never takes it again after the
-//! reservation ended.
+//! a repeated reserve never takes stock twice, and does not take it again after the
+//! reservation ended, nor does a repeated commit fail, as long as the product remembers
+//! how that reservation ended. It remembers the most recent [`SETTLEMENTS_KEPT`] endings,
+//! so that its state stays bounded however many orders it has had; the order process,
+//! which alone ends reservations, redoes one short batch of its events after a crash
+//! (docs/adr/0006-order-process-decides-in-batches.md, addendum).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::{OrderId, ProductId};
 use crate::values::{Currency, Description, Money, ProductName, Quantity, Sku, ValueError};
@@ -54,6 +58,11 @@ impl fmt::Display for ProductStatus {
         f.write_str(self.as_str())
     }
 }
+
+/// How many ended reservations a product remembers (the most recent ones). A retry the
+/// order process makes after a crash repeats one batch of its events (at most 200 but for
+/// a gap it fills), so it finds the ending it repeats.
+pub const SETTLEMENTS_KEPT: usize = 1024;
 
 /// How an order's reservation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -220,8 +229,77 @@ struct Listing {
     stock_available: u64,
     /// Active reservations, one per order.
     reservations: BTreeMap<OrderId, Quantity>,
-    /// Orders whose reservation has ended, and how.
-    settled: BTreeMap<OrderId, Settlement>,
+    /// Orders whose reservation has ended, and how: the most recent ones.
+    settled: Settlements,
+}
+
+/// The most recent [`SETTLEMENTS_KEPT`] ended reservations, by order.
+///
+/// Stored (in snapshots) as a list of `[order, settlement]` pairs, oldest first. A
+/// snapshot made before the list was bounded holds a map from order to settlement; it is
+/// read too, and cut to the bound.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Settlements {
+    /// Oldest first.
+    order: VecDeque<OrderId>,
+    by_order: BTreeMap<OrderId, Settlement>,
+}
+
+impl Settlements {
+    fn get(&self, order_id: &OrderId) -> Option<Settlement> {
+        self.by_order.get(order_id).copied()
+    }
+
+    fn contains(&self, order_id: &OrderId) -> bool {
+        self.by_order.contains_key(order_id)
+    }
+
+    /// Records how `order_id`'s reservation ended, forgetting the oldest ending beyond
+    /// the bound. A reservation ends once: an order already remembered keeps its place.
+    fn record(&mut self, order_id: OrderId, settlement: Settlement) {
+        if self.by_order.insert(order_id, settlement).is_none() {
+            self.order.push_back(order_id);
+        }
+        while self.order.len() > SETTLEMENTS_KEPT {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_order.remove(&oldest);
+            }
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = OrderId> + '_ {
+        self.order.iter().copied()
+    }
+}
+
+impl Serialize for Settlements {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.order
+                .iter()
+                .filter_map(|id| self.by_order.get(id).map(|settlement| (id, settlement))),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for Settlements {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Recent(Vec<(OrderId, Settlement)>),
+            Unbounded(BTreeMap<OrderId, Settlement>),
+        }
+        let pairs: Vec<(OrderId, Settlement)> = match Stored::deserialize(deserializer)? {
+            Stored::Recent(pairs) => pairs,
+            Stored::Unbounded(map) => map.into_iter().collect(),
+        };
+        let mut settlements = Settlements::default();
+        for (order_id, settlement) in pairs {
+            settlements.record(order_id, settlement);
+        }
+        Ok(settlements)
+    }
 }
 
 impl Listing {
@@ -294,19 +372,15 @@ impl Product {
             .flat_map(|l| l.reservations.iter().map(|(id, q)| (*id, *q)))
     }
 
-    /// How an order's reservation ended, if it has.
+    /// How an order's reservation ended, if it has and the product still remembers it
+    /// (the most recent [`SETTLEMENTS_KEPT`]).
     pub fn settlement(&self, order_id: OrderId) -> Option<Settlement> {
-        self.listing
-            .as_ref()
-            .and_then(|l| l.settled.get(&order_id).copied())
+        self.listing.as_ref().and_then(|l| l.settled.get(&order_id))
     }
 
-    /// The orders whose reservation has ended.
+    /// The orders whose reservation has ended, of those the product remembers.
     pub fn settled(&self) -> BTreeSet<OrderId> {
-        self.listing
-            .iter()
-            .flat_map(|l| l.settled.keys().copied())
-            .collect()
+        self.listing.iter().flat_map(|l| l.settled.ids()).collect()
     }
 
     fn existing(&self) -> Result<&Listing, ProductError> {
@@ -401,7 +475,7 @@ impl Aggregate for Product {
                 // A retry of a reservation that was already made, or already ended, is
                 // answered as done, whatever the product's state since.
                 if listing.reservations.contains_key(&order_id)
-                    || listing.settled.contains_key(&order_id)
+                    || listing.settled.contains(&order_id)
                 {
                     return Ok(vec![]);
                 }
@@ -462,7 +536,7 @@ impl Aggregate for Product {
                 status: ProductStatus::Active,
                 stock_available: u64::from(stock),
                 reservations: BTreeMap::new(),
-                settled: BTreeMap::new(),
+                settled: Settlements::default(),
             });
             return;
         }
@@ -492,11 +566,11 @@ impl Aggregate for Product {
             ProductEvent::StockReleased { order_id, quantity } => {
                 listing.reservations.remove(&order_id);
                 listing.stock_available = listing.stock_available.saturating_add(quantity.into());
-                listing.settled.insert(order_id, Settlement::Released);
+                listing.settled.record(order_id, Settlement::Released);
             }
             ProductEvent::ReservationCommitted { order_id, .. } => {
                 listing.reservations.remove(&order_id);
-                listing.settled.insert(order_id, Settlement::Committed);
+                listing.settled.record(order_id, Settlement::Committed);
             }
             ProductEvent::ProductDiscontinued => listing.status = ProductStatus::Discontinued,
         }
@@ -583,6 +657,113 @@ mod tests {
         assert_eq!(product.settlement(order(1)), Some(Settlement::Released));
         assert_eq!(product.settlement(order(2)), Some(Settlement::Committed));
         assert_eq!(product.settled(), BTreeSet::from([order(1), order(2)]));
+    }
+
+    /// Reserves and ends (released for odd numbers, committed for even) the reservations
+    /// of orders `from..to`, one unit each.
+    fn settle_orders(product: &mut Product, orders: std::ops::Range<u128>) {
+        for n in orders {
+            let order_id = order(n);
+            let end = if n % 2 == 1 {
+                ProductCommand::ReleaseReservation { order_id }
+            } else {
+                ProductCommand::CommitReservation { order_id }
+            };
+            for command in [
+                ProductCommand::ReserveStock {
+                    order_id,
+                    quantity: qty(1),
+                },
+                end,
+            ] {
+                for event in product.handle(command).unwrap() {
+                    product.apply(event);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_product_remembers_the_most_recent_endings_only_and_answers_their_retries() {
+        let kept = SETTLEMENTS_KEPT as u128;
+        let mut product = product_from([created(u32::try_from(3 * kept).unwrap())]);
+        settle_orders(&mut product, 1..kept + 11);
+
+        assert_eq!(product.settled().len(), SETTLEMENTS_KEPT);
+        assert_eq!(product.settled().first(), Some(&order(11)));
+        assert_eq!(product.settlement(order(10)), None, "forgotten");
+        assert_eq!(product.settlement(order(11)), Some(Settlement::Released));
+        assert_eq!(product.settlement(order(12)), Some(Settlement::Committed));
+        // Every unit is either available or sold: nothing is held.
+        assert_eq!(product.stock_reserved(), 0);
+        assert_eq!(
+            product.stock_available(),
+            3 * kept as u64 - (kept as u64 + 10) / 2
+        );
+
+        // Retries of a remembered ending take nothing and refuse nothing.
+        for order_id in [order(11), order(12), order(kept + 10)] {
+            assert_eq!(
+                product.handle(ProductCommand::ReserveStock {
+                    order_id,
+                    quantity: qty(1),
+                }),
+                Ok(vec![])
+            );
+        }
+        assert_eq!(
+            product.handle(ProductCommand::CommitReservation {
+                order_id: order(12)
+            }),
+            Ok(vec![])
+        );
+        assert_eq!(
+            product.handle(ProductCommand::CommitReservation {
+                order_id: order(11)
+            }),
+            Err(ProductError::ReservationNotFound)
+        );
+
+        // The state, as a snapshot stores it, stays the same size however many orders
+        // the product has had.
+        let size = |product: &Product| serde_json::to_string(product).unwrap().len();
+        let before = size(&product);
+        settle_orders(&mut product, kept + 11..3 * kept);
+        assert_eq!(product.settled().len(), SETTLEMENTS_KEPT);
+        assert_eq!(size(&product), before);
+    }
+
+    #[test]
+    fn a_snapshot_that_kept_every_ending_loads_cut_to_the_most_recent() {
+        let mut product = product_from([created(10)]);
+        settle_orders(&mut product, 1..5);
+        let mut json = serde_json::to_value(&product).unwrap();
+        assert_eq!(
+            json["settled"],
+            serde_json::json!([
+                [order(1), "released"],
+                [order(2), "committed"],
+                [order(3), "released"],
+                [order(4), "committed"]
+            ])
+        );
+        // The former shape: a map from order to how its reservation ended.
+        json["settled"] = serde_json::json!({
+            order(1).to_string(): "released",
+            order(2).to_string(): "committed",
+            order(3).to_string(): "released",
+            order(4).to_string(): "committed",
+        });
+        let back: Product = serde_json::from_value(json).unwrap();
+        assert_eq!(back, product);
+
+        let many: serde_json::Map<String, serde_json::Value> = (1..=SETTLEMENTS_KEPT as u128 + 5)
+            .map(|n| (order(n).to_string(), serde_json::json!("released")))
+            .collect();
+        let mut json = serde_json::to_value(&product).unwrap();
+        json["settled"] = serde_json::Value::Object(many);
+        let back: Product = serde_json::from_value(json).unwrap();
+        assert_eq!(back.settled().len(), SETTLEMENTS_KEPT);
     }
 
     #[test]

@@ -91,9 +91,7 @@ pub fn workers(
             ProjectionWorker::group(pool.clone(), client.clone(), name, models, settings.clone())
         })
         .collect();
-    let mut manager_settings = settings.clone();
-    manager_settings.batch_size = 50;
-    manager_settings.catch_up_batch = 200;
+    let manager_settings = manager_settings(settings);
     workers.extend(process_managers(commands).into_iter().map(|manager| {
         ProjectionWorker::new(
             pool.clone(),
@@ -105,9 +103,28 @@ pub fn workers(
     workers
 }
 
+/// A process manager's worker settings: `settings` with short batches. A batch is what a
+/// crash between its commands and its checkpoint makes the manager redo, and a product
+/// remembers only its most recent reservation endings (`SETTLEMENTS_KEPT`): a redo must
+/// span fewer of them than that.
+fn manager_settings(settings: &WorkerSettings) -> WorkerSettings {
+    let mut manager_settings = settings.clone();
+    manager_settings.batch_size = 50;
+    manager_settings.catch_up_batch = 200;
+    manager_settings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_managers_redo_spans_fewer_endings_than_a_product_remembers() {
+        let settings = manager_settings(&WorkerSettings::new("events", "events"));
+        let kept = hindsight_domain::product::SETTLEMENTS_KEPT;
+        assert!(settings.batch_size < kept);
+        assert!(usize::try_from(settings.catch_up_batch).is_ok_and(|batch| batch < kept));
+    }
 
     #[test]
     fn every_read_model_runs_in_exactly_one_group() {
