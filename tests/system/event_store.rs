@@ -7,7 +7,7 @@ use futures::future::join_all;
 use hindsight_commands::{
     Actor, CommandBus, EventMetadata, Executed, Refusal, StoreError, StoreSettings, UniqueKey,
 };
-use hindsight_domain::ids::{ProductId, UserId};
+use hindsight_domain::ids::{OrderId, ProductId, UserId};
 use hindsight_domain::product::{ProductCommand, ProductError};
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand};
@@ -492,6 +492,107 @@ async fn snapshots_bound_what_a_load_replays() {
         .unwrap();
     assert_eq!(loaded.version, 35);
     assert_eq!(loaded.state.stock_available(), 68);
+}
+
+/// The first array under key `settled` in `value`, anywhere.
+fn settled_list(value: &mut serde_json::Value) -> Option<&mut serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.get("settled").is_some_and(serde_json::Value::is_array) {
+                return map.get_mut("settled");
+            }
+            map.values_mut().find_map(settled_list)
+        }
+        serde_json::Value::Array(items) => items.iter_mut().find_map(settled_list),
+        _ => None,
+    }
+}
+
+/// A product's snapshot stored before its reservation endings were bounded holds them as
+/// a map from order to ending; a process that reads it knows those endings as before.
+#[tokio::test]
+async fn a_product_snapshot_of_the_former_shape_loads_with_its_endings() {
+    let db = TestDb::new().await;
+    let settings = StoreSettings {
+        snapshot_every: 10,
+        ..StoreSettings::default()
+    };
+    let commands = db.commands(settings);
+    let product = created_product(&commands, "SKU-OLD", 100).await;
+    let id = product.as_uuid();
+    let orders: Vec<OrderId> = (0..12).map(|_| OrderId::new()).collect();
+    for (n, &order_id) in orders.iter().enumerate() {
+        let end = if n % 2 == 0 {
+            ProductCommand::CommitReservation { order_id }
+        } else {
+            ProductCommand::ReleaseReservation { order_id }
+        };
+        let reserve = ProductCommand::ReserveStock {
+            order_id,
+            quantity: Quantity::new(1).unwrap(),
+        };
+        for command in [reserve, end] {
+            commands
+                .products
+                .execute(id, command, &metadata(&format!("s{n}")), None)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    let written = commands.products.load(id).await.unwrap().unwrap();
+    assert_eq!(written.version, 25);
+
+    // Rewrite the stored snapshot (at sequence 20) in the former shape.
+    let (last_sequence, mut payload): (i64, serde_json::Value) = sqlx::query_as(
+        "SELECT last_sequence, payload FROM snapshots \
+         WHERE aggregate_type = 'product' AND aggregate_id = $1",
+    )
+    .bind(product.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_sequence, 20);
+    let list = settled_list(&mut payload).expect("the snapshot lists the endings");
+    let pairs = list.as_array().unwrap().clone();
+    // Sequence 20: the creation, nine orders reserved and ended, the tenth reserved.
+    assert_eq!(pairs.len(), 9);
+    let map: serde_json::Map<String, serde_json::Value> = pairs
+        .into_iter()
+        .map(|pair| (pair[0].as_str().unwrap().to_owned(), pair[1].clone()))
+        .collect();
+    *list = serde_json::Value::Object(map);
+    sqlx::query(
+        "UPDATE snapshots SET payload = $2 WHERE aggregate_type = 'product' AND aggregate_id = $1",
+    )
+    .bind(product.to_string())
+    .bind(&payload)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // Another process, with nothing cached, loads it from that snapshot.
+    let fresh = db.commands(settings);
+    let loaded = fresh.products.load(id).await.unwrap().unwrap();
+    assert_eq!(loaded.version, 25);
+    assert_eq!(loaded.state, written.state);
+    assert_eq!(loaded.state.settled().len(), 12);
+    // A retried reservation of an order whose reservation ended takes nothing.
+    let retried = fresh
+        .products
+        .execute(
+            id,
+            ProductCommand::ReserveStock {
+                order_id: orders[0],
+                quantity: Quantity::new(1).unwrap(),
+            },
+            &metadata("retry"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(retried.version, 25);
 }
 
 #[tokio::test]
