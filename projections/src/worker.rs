@@ -925,12 +925,12 @@ impl ProjectionWorker {
         to: i64,
     ) -> Result<(), CommitError> {
         let name = model.name();
-        let mut tx = connection.begin().await?;
-        // The settings of `BATCH_SETTINGS`, set with the lock to save a round trip.
+        // `BATCH_SETTINGS` travel with the `BEGIN`, in its round trip.
+        let mut tx = connection
+            .begin_with(format!("BEGIN; {BATCH_SETTINGS}"))
+            .await?;
         let (current,): (i64,) = sqlx::query_as(
-            "SELECT position, set_config('synchronous_commit', 'off', true), \
-                    set_config('plan_cache_mode', 'force_custom_plan', true) \
-             FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+            "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
         )
         .bind(name)
         .fetch_one(&mut *tx)
