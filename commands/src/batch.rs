@@ -33,7 +33,9 @@ use uuid::Uuid;
 
 use crate::metadata::EventMetadata;
 use crate::statements::StatementPool;
-use crate::store::{classify_append, AggregateStore, AppendFailure, Held, Refusal, StoreError};
+use crate::store::{
+    classify_append, AggregateStore, AppendFailure, Held, Refusal, Snapshot, StoreError,
+};
 use crate::CommandBus;
 
 /// One event staged by a batch, as it will be inserted.
@@ -128,13 +130,14 @@ impl<'a, A: domain::Aggregate> Holding<'a, A> {
     }
 
     /// Hands every entry back after the batch appended; `positions` holds the last
-    /// position of each aggregate the batch appended to, by type and id.
-    async fn release(self, positions: &HashMap<(String, String), i64>) {
+    /// position of each aggregate the batch appended to, by type and id. The snapshots
+    /// due are added to `snapshots`, to be recorded once every entry is back.
+    fn release(self, positions: &HashMap<(String, String), i64>, snapshots: &mut Vec<Snapshot>) {
         for (id, held) in self.held {
             let position = positions
                 .get(&(A::TYPE.to_owned(), id.to_string()))
                 .copied();
-            self.store.release_held(id, held, position).await;
+            snapshots.extend(self.store.release_held(id, held, position));
         }
     }
 }
@@ -297,9 +300,13 @@ impl<'a> Batch<'a> {
                 bus.appends.appended(position);
             }
         }
-        holdings.users.release(&positions).await;
-        holdings.products.release(&positions).await;
-        holdings.orders.release(&positions).await;
+        let mut snapshots = Vec::new();
+        holdings.users.release(&positions, &mut snapshots);
+        holdings.products.release(&positions, &mut snapshots);
+        holdings.orders.release(&positions, &mut snapshots);
+        for snapshot in snapshots {
+            snapshot.record(bus.statements()).await;
+        }
         Ok(Ok(last))
     }
 }

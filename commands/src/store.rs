@@ -28,7 +28,7 @@
 
 use std::error::Error as StdError;
 use std::marker::PhantomData;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cqrs_es::persist::PersistedEventStore;
@@ -42,6 +42,7 @@ use uuid::Uuid;
 
 use crate::aggregate::EventSourced;
 use crate::batch::{insert_rows, Row};
+use crate::event::{EventDecodeError, StoredEvent, EVENT_COLUMNS};
 use crate::metadata::EventMetadata;
 use crate::statements::StatementPool;
 use crate::turns::{Turn, Turns};
@@ -201,6 +202,35 @@ pub struct Loaded<A> {
 pub const CURRENT_VERSION: &str = "SELECT sequence FROM events \
      WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1";
 
+/// The events of one aggregate after a sequence, in order: how a copy that fell behind
+/// is brought up to date (an ordered walk of the primary key from that sequence on,
+/// whatever plan the session keeps).
+static CATCH_UP: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence"
+    )
+});
+
+/// Counts how commands and reads came by their aggregates: `cache` (a cached copy was
+/// taken), `caught_up` (a cached copy the store had moved past was brought up to date
+/// with the events after it) or `store` (loaded from its snapshot and events).
+fn count_read(aggregate_type: &'static str, source: &'static str) {
+    metrics::counter!(
+        "hindsight_aggregate_reads_total",
+        "aggregate_type" => aggregate_type,
+        "source" => source
+    )
+    .increment(1);
+}
+
+fn corrupt(error: EventDecodeError) -> StoreError {
+    match error {
+        EventDecodeError::Database(error) => StoreError::from_sqlx(error),
+        other => StoreError::Corrupt(Box::new(other)),
+    }
+}
+
 /// Whether `cache` holds aggregate `id` at `version` or later.
 fn holds<A>(cache: &LruCache<Uuid, Entry<A>>, id: Uuid, version: u64) -> bool {
     cache
@@ -236,6 +266,53 @@ impl<A> Held<'_, A> {
     /// Taken from the cache or presumed, and neither confirmed since nor appended to.
     fn unproven(&self) -> bool {
         self.entry.cached && self.entry.version == self.base
+    }
+}
+
+/// An aggregate's state to record in postgres-es's snapshot table (one row per
+/// aggregate), so a cold load replays at most `snapshot_every` events.
+pub(crate) struct Snapshot {
+    aggregate_type: &'static str,
+    aggregate_id: Uuid,
+    version: u64,
+    current_snapshot: u64,
+    payload: serde_json::Value,
+}
+
+impl Snapshot {
+    /// Records the snapshot unless a later one is there. A failure only costs a longer
+    /// load later: it is logged, not returned (the events are committed).
+    pub(crate) async fn record(self, statements: &StatementPool) {
+        let Self {
+            aggregate_type,
+            aggregate_id,
+            version,
+            current_snapshot,
+            payload,
+        } = self;
+        let upsert = sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
+                 SET last_sequence = EXCLUDED.last_sequence, \
+                     current_snapshot = EXCLUDED.current_snapshot, \
+                     payload = EXCLUDED.payload \
+                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id.to_string())
+        .bind(version as i64)
+        .bind(current_snapshot as i64)
+        .bind(payload);
+        let recorded = async {
+            let mut connection = statements.acquire().await?;
+            let recorded = upsert.execute(&mut *connection).await;
+            connection.give_back(recorded)
+        }
+        .await;
+        if let Err(error) = recorded {
+            tracing::warn!(aggregate_type, %aggregate_id, %error, "snapshot not recorded");
+        }
     }
 }
 
@@ -308,7 +385,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     /// entry); a command that finds none loads from the store. With the cache turned off
     /// nothing is ever kept, so nothing is found.
     fn take_cached(&self, id: Uuid) -> Option<Entry<A>> {
-        self.cache().remove(&id).map(|entry| Entry {
+        let entry = self.cache().remove(&id)?;
+        count_read(A::TYPE, "cache");
+        Some(Entry {
             cached: true,
             ..entry
         })
@@ -336,6 +415,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
 
     /// Reads an aggregate from the store: its snapshot plus the events after it.
     async fn load_fresh(&self, id: Uuid) -> Result<Entry<A>, StoreError> {
+        count_read(A::TYPE, "store");
         let context = self
             .store
             .load_aggregate(&id.to_string())
@@ -347,6 +427,52 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             position: None,
             cached: false,
         })
+    }
+
+    /// `entry` (a cached or held copy, at a version the store has since passed: it holds
+    /// `current`) brought up to date: the events after its version read and applied, one
+    /// short statement, where a load reads the snapshot and up to `snapshot_every` events
+    /// after it. A copy more than `snapshot_every` events behind, or one the store does
+    /// not continue (it was never stored), is loaded afresh instead.
+    ///
+    /// Copies fall behind mostly for a moment: the order process's batch appends to the
+    /// products it decides on and puts them back in the cache a round trip later, while
+    /// orders being placed keep reading those products.
+    async fn caught_up(
+        &self,
+        id: Uuid,
+        mut entry: Entry<A>,
+        current: u64,
+    ) -> Result<Entry<A>, StoreError> {
+        let behind = current.saturating_sub(entry.version);
+        if behind == 0 || behind > self.settings.snapshot_every.max(1) as u64 {
+            return self.load_fresh(id).await;
+        }
+        count_read(A::TYPE, "caught_up");
+        let mut connection = self.statements.acquire().await?;
+        let rows = sqlx::query(&CATCH_UP)
+            .bind(A::TYPE)
+            .bind(id.to_string())
+            .bind(entry.version as i64)
+            .fetch_all(&mut *connection)
+            .await;
+        let rows = connection.give_back(rows)?;
+        for row in &rows {
+            let stored = StoredEvent::from_row(row).map_err(corrupt)?;
+            if stored.sequence != entry.version as i64 + 1 {
+                // Sequences are consecutive from 1, so the copy was not a stored state.
+                return self.load_fresh(id).await;
+            }
+            let event = stored.decode::<A::Event>().map_err(corrupt)?;
+            entry.state.apply(event);
+            entry.version += 1;
+            entry.position = Some(stored.position);
+        }
+        if entry.version < current {
+            return self.load_fresh(id).await;
+        }
+        entry.cached = false;
+        Ok(entry)
     }
 
     /// The store's current version of an aggregate (one index lookup).
@@ -361,10 +487,13 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         Ok(version.unwrap_or(0) as u64)
     }
 
-    /// `entry` if the store holds no later event, else the aggregate read afresh.
+    /// `entry` if the store holds no later event, else brought up to date.
     async fn confirmed(&self, id: Uuid, entry: Entry<A>) -> Result<Entry<A>, StoreError> {
-        if entry.cached && self.current_version(id).await? != entry.version {
-            return self.load_fresh(id).await;
+        if entry.cached {
+            let current = self.current_version(id).await?;
+            if current != entry.version {
+                return self.caught_up(id, entry, current).await;
+            }
         }
         Ok(Entry {
             cached: false,
@@ -394,12 +523,24 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             .cache()
             .peek(&id)
             .map(|entry| (entry.version, part(&entry.state)));
-        if let Some((version, state)) = cached {
-            if self.current_version(id).await? == version {
-                return Ok((version > 0).then_some(Loaded { state, version }));
+        let entry = match cached {
+            Some((version, state)) => {
+                count_read(A::TYPE, "cache");
+                let current = self.current_version(id).await?;
+                if current == version {
+                    return Ok((version > 0).then_some(Loaded { state, version }));
+                }
+                // The copy to catch up: the one just read, unless the cache moved on.
+                match self.peek_cached(id) {
+                    Some(entry) if entry.version == current => entry,
+                    Some(entry) if entry.version < current => {
+                        self.caught_up(id, entry, current).await?
+                    }
+                    _ => self.load_fresh(id).await?,
+                }
             }
-        }
-        let entry = self.load_fresh(id).await?;
+            None => self.load_fresh(id).await?,
+        };
         if entry.version == 0 {
             return Ok(None);
         }
@@ -514,12 +655,14 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                     }
                     entry.version += appended as u64;
                     entry.position = Some(position);
-                    let every = self.settings.snapshot_every.max(1) as u64;
-                    if entry.version / every > before / every {
-                        self.snapshot(id, &entry).await;
-                    }
+                    // Back in the cache before the snapshot's round trip: reads of the
+                    // aggregate meanwhile find this entry current.
+                    let snapshot = self.snapshot_due(id, before, &entry);
                     let version = entry.version;
                     self.keep(id, entry);
+                    if let Some(snapshot) = snapshot {
+                        snapshot.record(&self.statements).await;
+                    }
                     return Ok(Ok(Executed {
                         aggregate_id: id,
                         version,
@@ -565,7 +708,10 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     ) -> Result<Held<'_, A>, StoreError> {
         let turn = self.turns.take(id).await;
         let entry = match (self.peek_cached(id), presumed) {
-            (Some(entry), _) => entry,
+            (Some(entry), _) => {
+                count_read(A::TYPE, "cache");
+                entry
+            }
             (None, Some((state, version))) => Entry {
                 state,
                 version,
@@ -591,10 +737,12 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         if !held.unproven() {
             return Ok(());
         }
-        if self.current_version(id).await? == held.entry.version {
+        let current = self.current_version(id).await?;
+        if current == held.entry.version {
             held.entry.cached = false;
         } else {
-            held.entry = self.load_fresh(id).await?;
+            let entry = held.entry.clone();
+            held.entry = self.caught_up(id, entry, current).await?;
             held.base = held.entry.version;
         }
         Ok(())
@@ -635,10 +783,17 @@ impl<A: domain::Aggregate> AggregateStore<A> {
     }
 
     /// Hands a held entry back once its batch has appended (`position`: the global
-    /// position of its last event, if the batch appended to it): into the cache, with a
-    /// snapshot if the batch crossed a snapshot boundary, and then passes its turn on.
-    /// The entries of a batch whose append failed never come here.
-    pub(crate) async fn release_held(&self, id: Uuid, held: Held<'_, A>, position: Option<i64>) {
+    /// position of its last event, if the batch appended to it): into the cache, and
+    /// passes its turn on. Answers the snapshot to record if the batch crossed a snapshot
+    /// boundary: the batch records its snapshots once every entry is back, so reads do not
+    /// find the cache behind the store for the length of those round trips. The entries
+    /// of a batch whose append failed never come here.
+    pub(crate) fn release_held(
+        &self,
+        id: Uuid,
+        held: Held<'_, A>,
+        position: Option<i64>,
+    ) -> Option<Snapshot> {
         let Held {
             mut entry,
             base,
@@ -647,11 +802,9 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         if position.is_some() {
             entry.position = position;
         }
-        let every = self.settings.snapshot_every.max(1) as u64;
-        if entry.version / every > base / every {
-            self.snapshot(id, &entry).await;
-        }
+        let snapshot = self.snapshot_due(id, base, &entry);
         self.keep(id, entry);
+        snapshot
     }
 
     /// Appends `events` after `version` in one autocommitted statement; answers the
@@ -704,40 +857,24 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         }
     }
 
-    /// Records a snapshot of `entry` in postgres-es's table (one row per aggregate), so a
-    /// cold load replays at most `snapshot_every` events. A failure only costs a longer
-    /// load later: it is logged, not returned (the events are committed).
-    async fn snapshot(&self, id: Uuid, entry: &Entry<A>) {
-        let payload = match serde_json::to_value(&entry.state) {
-            Ok(payload) => payload,
+    /// A snapshot of `entry` if the events since `before` crossed a snapshot boundary.
+    fn snapshot_due(&self, id: Uuid, before: u64, entry: &Entry<A>) -> Option<Snapshot> {
+        let every = self.settings.snapshot_every.max(1) as u64;
+        if entry.version / every <= before / every {
+            return None;
+        }
+        match serde_json::to_value(&entry.state) {
+            Ok(payload) => Some(Snapshot {
+                aggregate_type: A::TYPE,
+                aggregate_id: id,
+                version: entry.version,
+                current_snapshot: entry.version / every,
+                payload,
+            }),
             Err(error) => {
                 tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not serialisable");
-                return;
+                None
             }
-        };
-        let every = self.settings.snapshot_every.max(1) as u64;
-        let upsert = sqlx::query(
-            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
-                 SET last_sequence = EXCLUDED.last_sequence, \
-                     current_snapshot = EXCLUDED.current_snapshot, \
-                     payload = EXCLUDED.payload \
-                 WHERE snapshots.last_sequence < EXCLUDED.last_sequence",
-        )
-        .bind(A::TYPE)
-        .bind(id.to_string())
-        .bind(entry.version as i64)
-        .bind((entry.version / every) as i64)
-        .bind(payload);
-        let recorded = async {
-            let mut connection = self.statements.acquire().await?;
-            let recorded = upsert.execute(&mut *connection).await;
-            connection.give_back(recorded)
-        }
-        .await;
-        if let Err(error) = recorded {
-            tracing::warn!(aggregate_type = A::TYPE, aggregate_id = %id, %error, "snapshot not recorded");
         }
     }
 

@@ -1,7 +1,9 @@
 //! The event store: migrations, the append-only guard, positions and metadata,
 //! optimistic concurrency, snapshots, and uniqueness under concurrency.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
 use hindsight_commands::{
@@ -818,6 +820,185 @@ async fn a_read_of_part_of_a_cached_aggregate_answers_what_the_store_holds() {
 
     let unknown = a.products.read(uuid::Uuid::new_v4(), stock).await.unwrap();
     assert!(unknown.is_none(), "an id without events is no aggregate");
+}
+
+/// Counts `hindsight_aggregate_reads_total` by aggregate type and source, for the thread
+/// it is set on (a `#[tokio::test]` runs everything on its one thread).
+#[derive(Default)]
+struct AggregateReads {
+    counters: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
+}
+
+impl AggregateReads {
+    /// Reads of `aggregate_type` counted from `source` so far.
+    fn of(&self, aggregate_type: &str, source: &str) -> u64 {
+        self.counters
+            .lock()
+            .unwrap()
+            .get(&(aggregate_type.to_owned(), source.to_owned()))
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
+    }
+
+    /// Product reads by source since the last call, as (cache, caught_up, store).
+    fn products_since(&self, before: &mut (u64, u64, u64)) -> (u64, u64, u64) {
+        let now = (
+            self.of("product", "cache"),
+            self.of("product", "caught_up"),
+            self.of("product", "store"),
+        );
+        let since = (now.0 - before.0, now.1 - before.1, now.2 - before.2);
+        *before = now;
+        since
+    }
+}
+
+impl metrics::Recorder for AggregateReads {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() != "hindsight_aggregate_reads_total" {
+            return metrics::Counter::noop();
+        }
+        let label = |name: &str| {
+            key.labels()
+                .find(|label| label.key() == name)
+                .map(|label| label.value().to_owned())
+                .unwrap_or_default()
+        };
+        let counter = self
+            .counters
+            .lock()
+            .unwrap()
+            .entry((label("aggregate_type"), label("source")))
+            .or_default()
+            .clone();
+        metrics::Counter::from_arc(counter)
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[tokio::test]
+async fn a_cached_copy_the_store_moved_past_is_caught_up_from_the_events_after_it() {
+    // Another process appends to a product this one holds in its cache. Reading it,
+    // confirming it for a command and confirming it in a batch read the events after the
+    // cached version, not the snapshot and the events after that.
+    let reads = AggregateReads::default();
+    let _counting = metrics::set_default_local_recorder(&reads);
+    let db = TestDb::new().await;
+    let settings = StoreSettings {
+        snapshot_every: 10,
+        ..StoreSettings::default()
+    };
+    let here = db.commands(settings);
+    let elsewhere = db.commands(settings);
+    let id = created_product(&here, "SKU-CATCH-UP", 1).await.as_uuid();
+    let stock = |product: &hindsight_domain::product::Product| product.stock_available();
+    let read = here.products.read(id, stock).await.unwrap().unwrap();
+    assert_eq!((read.state, read.version), (1, 1));
+    restock_times(&elsewhere, id, 2, 9).await;
+
+    let mut before = (
+        reads.of("product", "cache"),
+        reads.of("product", "caught_up"),
+        reads.of("product", "store"),
+    );
+    let read = here.products.read(id, stock).await.unwrap().unwrap();
+    assert_eq!((read.state, read.version), (19, 10));
+    assert_eq!(
+        reads.products_since(&mut before),
+        (1, 1, 0),
+        "a read catches its cached copy up"
+    );
+    let restocked = here
+        .products
+        .execute(id, restock(1), &metadata("here-1"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        restocked.version, 11,
+        "the caught-up copy went back to the cache"
+    );
+    assert_eq!(reads.products_since(&mut before), (1, 0, 0));
+
+    // A command whose expected version the cached copy does not have confirms it.
+    restock_times(&elsewhere, id, 1, 3).await;
+    reads.products_since(&mut before);
+    let restocked = here
+        .products
+        .execute(id, restock(1), &metadata("here-2"), Some(14))
+        .await
+        .unwrap()
+        .expect("the copy, caught up, is at the expected version");
+    assert_eq!(restocked.version, 15);
+    assert_eq!(
+        reads.products_since(&mut before),
+        (1, 1, 0),
+        "a command's confirmation catches its cached copy up"
+    );
+
+    // A batch confirming its copy for a current read.
+    restock_times(&elsewhere, id, 1, 1).await;
+    reads.products_since(&mut before);
+    let mut batch = here.batch().await;
+    let product = batch
+        .state::<hindsight_domain::product::Product>(id, hindsight_commands::batch::Read::Current)
+        .await
+        .unwrap()
+        .map(|product| product.stock_available());
+    assert_eq!(product, Some(25));
+    drop(batch);
+    assert_eq!(
+        reads.products_since(&mut before),
+        (1, 1, 0),
+        "a batch's confirmation catches its copy up"
+    );
+
+    // A copy further behind than a snapshot's stretch is loaded, snapshot and all.
+    restock_times(&elsewhere, id, 1, 11).await;
+    reads.products_since(&mut before);
+    let read = here.products.read(id, stock).await.unwrap().unwrap();
+    assert_eq!((read.state, read.version), (36, 27));
+    assert_eq!(reads.products_since(&mut before), (1, 0, 1));
+    let loaded = db
+        .commands(settings)
+        .products
+        .load(id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((loaded.state.stock_available(), loaded.version), (36, 27));
 }
 
 #[tokio::test]
