@@ -24,6 +24,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use hindsight_domain::order::Order;
 use hindsight_domain::product::Product;
@@ -34,7 +35,8 @@ use uuid::Uuid;
 use crate::metadata::EventMetadata;
 use crate::statements::StatementPool;
 use crate::store::{
-    classify_append, AggregateStore, AppendFailure, Held, Refusal, Snapshot, StoreError,
+    classify_append, AggregateStore, AppendFailure, Held, ReadAt, ReadColumns, Refusal, Snapshot,
+    StoreError, READS_UNCHANGED,
 };
 use crate::CommandBus;
 
@@ -273,7 +275,7 @@ impl<'a> Batch<'a> {
         let mut positions = HashMap::new();
         let mut last = None;
         if !rows.is_empty() {
-            match insert_rows(bus.statements(), rows).await? {
+            match insert_rows(bus.statements(), rows, &[]).await? {
                 Ok(appended) => {
                     last = appended.iter().map(|(_, _, position)| *position).max();
                     positions = appended
@@ -286,6 +288,11 @@ impl<'a> Batch<'a> {
                     holdings.products.forget();
                     holdings.orders.forget();
                     return Ok(Err(Conflict));
+                }
+                Err(AppendFailure::ReadChanged) => {
+                    return Err(StoreError::Database(
+                        "a batch's append, which reads nothing, found a read changed".into(),
+                    ))
                 }
                 Err(AppendFailure::Taken(key)) => {
                     return Err(StoreError::Database(
@@ -318,13 +325,53 @@ impl<'a> Batch<'a> {
 pub(crate) async fn insert_rows(
     statements: &StatementPool,
     rows: Vec<Row>,
+    reads: &[ReadAt],
 ) -> Result<Result<Vec<(String, String, i64)>, AppendFailure>, StoreError> {
     let mut columns = Columns::with_capacity(rows.len());
     for row in rows {
         columns.push(row);
     }
+    let insert = if reads.is_empty() {
+        INSERT_ROWS.as_str()
+    } else {
+        INSERT_ROWS_READING.as_str()
+    };
+    let query = sqlx::query_as::<_, (String, String, i64)>(insert)
+        .bind(columns.aggregate_types)
+        .bind(columns.aggregate_ids)
+        .bind(columns.sequences)
+        .bind(columns.event_types)
+        .bind(columns.event_versions)
+        .bind(columns.payloads)
+        .bind(columns.metadata);
+    let query = if reads.is_empty() {
+        query
+    } else {
+        ReadColumns::new(reads).bind(query)
+    };
     let mut connection = statements.acquire().await?;
-    let result = sqlx::query_as::<_, (String, String, i64)>(
+    let result = query.fetch_all(&mut *connection).await;
+    match connection.give_back(result) {
+        // Only the condition on the reads can leave every row out.
+        Ok(appended) if appended.is_empty() && !reads.is_empty() => {
+            Ok(Err(AppendFailure::ReadChanged))
+        }
+        Ok(appended) => Ok(Ok(appended)),
+        Err(error) => classify_append(error).map(Err),
+    }
+}
+
+/// Rows appended in the order given.
+static INSERT_ROWS: LazyLock<String> = LazyLock::new(|| insert_rows_statement(None));
+
+/// Rows appended in the order given if the aggregates their command read are where they
+/// were ([`READS_UNCHANGED`]).
+static INSERT_ROWS_READING: LazyLock<String> =
+    LazyLock::new(|| insert_rows_statement(Some(READS_UNCHANGED)));
+
+fn insert_rows_statement(condition: Option<&str>) -> String {
+    let condition = condition.map_or_else(String::new, |c| format!("WHERE {c} "));
+    format!(
         "WITH appended AS ( \
              INSERT INTO events \
                  (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -334,24 +381,11 @@ pub(crate) async fn insert_rows(
                          $6::jsonb[], $7::jsonb[]) \
                  WITH ORDINALITY AS e(aggregate_type, aggregate_id, sequence, event_type, \
                                       event_version, payload, metadata, n) \
-             ORDER BY e.n \
+             {condition}ORDER BY e.n \
              RETURNING aggregate_type, aggregate_id, position) \
          SELECT aggregate_type, aggregate_id, max(position) FROM appended \
-         GROUP BY aggregate_type, aggregate_id",
+         GROUP BY aggregate_type, aggregate_id"
     )
-    .bind(columns.aggregate_types)
-    .bind(columns.aggregate_ids)
-    .bind(columns.sequences)
-    .bind(columns.event_types)
-    .bind(columns.event_versions)
-    .bind(columns.payloads)
-    .bind(columns.metadata)
-    .fetch_all(&mut *connection)
-    .await;
-    match connection.give_back(result) {
-        Ok(appended) => Ok(Ok(appended)),
-        Err(error) => classify_append(error).map(Err),
-    }
 }
 
 /// Staged rows as the statement's column arrays.

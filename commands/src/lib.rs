@@ -32,7 +32,7 @@ pub mod wakeup;
 
 pub use event::StoredEvent;
 pub use metadata::{Actor, ActorRole, EventMetadata};
-pub use store::{AggregateStore, Executed, Refusal, StoreError, StoreSettings, UniqueKey};
+pub use store::{AggregateStore, Executed, ReadAt, Refusal, StoreError, StoreSettings, UniqueKey};
 
 /// The write path of every aggregate type, cheap to clone.
 #[derive(Debug, Clone)]

@@ -83,6 +83,95 @@ pub struct Executed {
     pub appended: usize,
 }
 
+/// Another aggregate a command was decided with, at the version it was read at (placing an
+/// order reads its products' names and prices). The command's events are appended only if
+/// no event that would change what was read has followed that version, checked by the
+/// appending statement itself ([`AggregateStore::execute_new_reading`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAt {
+    aggregate_type: &'static str,
+    id: Uuid,
+    version: u64,
+    /// The event types that change what was read; `None`: any event does.
+    changed_by: Option<&'static [&'static str]>,
+}
+
+impl ReadAt {
+    /// Aggregate `id` of type `A`, read whole at `version`: any later event changes it.
+    pub fn new<A: domain::Aggregate>(id: Uuid, version: u64) -> Self {
+        Self {
+            aggregate_type: A::TYPE,
+            id,
+            version,
+            changed_by: None,
+        }
+    }
+
+    /// Aggregate `id` of type `A`, of which a part was read at `version` that only events
+    /// of the types `changed_by` change (a product's listing is not changed by the
+    /// reservations the order process keeps appending to it).
+    pub fn part<A: domain::Aggregate>(
+        id: Uuid,
+        version: u64,
+        changed_by: &'static [&'static str],
+    ) -> Self {
+        Self {
+            aggregate_type: A::TYPE,
+            id,
+            version,
+            changed_by: Some(changed_by),
+        }
+    }
+}
+
+/// The parameters of the condition that holds an append to what its command read.
+pub(crate) struct ReadColumns {
+    aggregate_types: Vec<&'static str>,
+    ids: Vec<String>,
+    versions: Vec<i64>,
+    /// The types that change each read, comma-separated; `None`: any type.
+    changed_by: Vec<Option<String>>,
+}
+
+impl ReadColumns {
+    pub(crate) fn new(reads: &[ReadAt]) -> Self {
+        Self {
+            aggregate_types: reads.iter().map(|read| read.aggregate_type).collect(),
+            ids: reads.iter().map(|read| read.id.to_string()).collect(),
+            versions: reads.iter().map(|read| read.version as i64).collect(),
+            changed_by: reads
+                .iter()
+                .map(|read| read.changed_by.map(|types| types.join(",")))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn bind<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.aggregate_types)
+            .bind(self.ids)
+            .bind(self.versions)
+            .bind(self.changed_by)
+    }
+}
+
+/// The condition an append carries when its command read other aggregates: none of them
+/// holds an event after the version read that changes what was read (parameters `$8` to
+/// `$11`, see [`ReadColumns`]). Each is a walk of its stretch of the primary key from that
+/// version on: the events since, usually none or a few.
+pub(crate) const READS_UNCHANGED: &str = "NOT EXISTS ( \
+     SELECT FROM UNNEST($8::text[], $9::text[], $10::bigint[], $11::text[]) \
+         AS r(aggregate_type, aggregate_id, version, changed_by) \
+     WHERE EXISTS ( \
+         SELECT FROM events AS l \
+         WHERE l.aggregate_type = r.aggregate_type AND l.aggregate_id = r.aggregate_id \
+           AND l.sequence > r.version \
+           AND (r.changed_by IS NULL \
+                OR l.event_type = ANY (string_to_array(r.changed_by, ',')))))";
+
 /// A key that must be unique across all aggregates of a type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UniqueKey {
@@ -105,6 +194,10 @@ pub enum Refusal<E> {
     /// Concurrent writers kept winning; the command was not applied.
     #[error("the resource is being changed concurrently; try again")]
     Contention,
+    /// An aggregate the command was decided with ([`ReadAt`]) changed after it was read;
+    /// nothing was appended. The caller reads it again and decides again.
+    #[error("the resource is being changed concurrently; try again")]
+    ReadChanged,
 }
 
 impl<E: RuleViolation> Refusal<E> {
@@ -115,7 +208,7 @@ impl<E: RuleViolation> Refusal<E> {
             Self::Taken(UniqueKey::Email) => "EMAIL_TAKEN",
             Self::Taken(UniqueKey::Sku) => "SKU_TAKEN",
             Self::VersionMismatch { .. } => "VERSION_MISMATCH",
-            Self::Contention => "CONCURRENT_MODIFICATION",
+            Self::Contention | Self::ReadChanged => "CONCURRENT_MODIFICATION",
         }
     }
 }
@@ -168,6 +261,8 @@ fn load_error<E: StdError>(error: AggregateError<E>) -> StoreError {
 pub(crate) enum AppendFailure {
     /// Another writer took the next sequence first.
     Conflict,
+    /// An aggregate the command read has changed since.
+    ReadChanged,
     /// The unique-key trigger refused a key another aggregate holds.
     Taken(UniqueKey),
 }
@@ -201,6 +296,22 @@ pub struct Loaded<A> {
 /// visit), which made confirming a cached product cost O(its history).
 pub const CURRENT_VERSION: &str = "SELECT sequence FROM events \
      WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1";
+
+/// The append of a command's one event.
+const APPEND: &str = "INSERT INTO events \
+         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position";
+
+/// The append of a command's one event, on the condition that the aggregates it read are
+/// where they were ([`READS_UNCHANGED`]).
+static APPEND_READING: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO events \
+             (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT $1::text, $2::text, $3::int8, $4::text, $5::text, $6::jsonb, $7::jsonb \
+         WHERE {READS_UNCHANGED} RETURNING position"
+    )
+});
 
 /// The events of one aggregate after a sequence, in order: how a copy that fell behind
 /// is brought up to date (an ordered walk of the primary key from that sequence on,
@@ -564,7 +675,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
-        self.run(id, command, metadata, expected_version, Start::Stored)
+        self.run(id, command, metadata, expected_version, Start::Stored, &[])
             .await
     }
 
@@ -580,7 +691,39 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         command: A::Command,
         metadata: &EventMetadata,
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
-        self.run(id, command, metadata, None, Start::Empty).await
+        self.run(id, command, metadata, None, Start::Empty, &[])
+            .await
+    }
+
+    /// [`execute_new`](Self::execute_new) for a command decided with other aggregates, as
+    /// read at the versions in `reads` (placing an order reads its products): its events
+    /// are appended only if nothing that changes what was read has happened to them since,
+    /// which the appending statement checks; else nothing is appended and the answer is
+    /// [`Refusal::ReadChanged`]. So the caller can decide on cached copies
+    /// ([`read_cached`](Self::read_cached)) without a statement to confirm each first, and
+    /// what it read cannot change between its check and the append.
+    pub async fn execute_new_reading(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &EventMetadata,
+        reads: &[ReadAt],
+    ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
+        self.run(id, command, metadata, None, Start::Empty, reads)
+            .await
+    }
+
+    /// What `part` makes of the cached copy of aggregate `id`, and the copy's version,
+    /// without asking the store whether it is current: for a command that hands that
+    /// version to [`execute_new_reading`](Self::execute_new_reading), whose append checks
+    /// it. `None` when the cache holds no copy. `part` runs while the cache is locked.
+    pub fn read_cached<R>(&self, id: Uuid, part: impl Fn(&A) -> R) -> Option<Loaded<R>> {
+        let loaded = self.cache().peek(&id).map(|entry| Loaded {
+            state: part(&entry.state),
+            version: entry.version,
+        })?;
+        count_read(A::TYPE, "cache");
+        Some(loaded)
     }
 
     async fn run(
@@ -590,6 +733,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         metadata: &EventMetadata,
         expected_version: Option<u64>,
         start: Start,
+        reads: &[ReadAt],
     ) -> Result<Result<Executed, Refusal<A::Error>>, StoreError> {
         // Commands on this aggregate from this process go one after another, each on the
         // entry the one before it left (see `turns`).
@@ -645,7 +789,10 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                     appended: 0,
                 }));
             }
-            match self.append(id, entry.version, &events, metadata).await? {
+            match self
+                .append(id, entry.version, &events, metadata, reads)
+                .await?
+            {
                 Ok(position) => {
                     self.appends.appended(position);
                     let appended = events.len();
@@ -673,6 +820,10 @@ impl<A: domain::Aggregate> AggregateStore<A> {
                 Err(AppendFailure::Taken(key)) => {
                     self.keep(id, entry);
                     return Ok(Err(Refusal::Taken(key)));
+                }
+                Err(AppendFailure::ReadChanged) => {
+                    self.keep(id, entry);
+                    return Ok(Err(Refusal::ReadChanged));
                 }
                 Err(AppendFailure::Conflict) => {
                     // The entry is stale: drop it, and decide again on a fresh load.
@@ -817,6 +968,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         version: u64,
         events: &[A::Event],
         metadata: &EventMetadata,
+        reads: &[ReadAt],
     ) -> Result<Result<i64, AppendFailure>, StoreError> {
         let metadata = serde_json::to_value(metadata.to_map())
             .map_err(|error| StoreError::Database(Box::new(error)))?;
@@ -825,7 +977,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             for (sequence, event) in (version + 1..).zip(events) {
                 rows.push(Row::new::<A>(id, sequence, event, &metadata)?);
             }
-            let appended = match insert_rows(&self.statements, rows).await? {
+            let appended = match insert_rows(&self.statements, rows, reads).await? {
                 Ok(appended) => appended,
                 Err(failure) => return Ok(Err(failure)),
             };
@@ -836,23 +988,30 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         };
         let payload =
             serde_json::to_value(event).map_err(|error| StoreError::Database(Box::new(error)))?;
+        let insert = if reads.is_empty() {
+            APPEND
+        } else {
+            APPEND_READING.as_str()
+        };
+        let query = sqlx::query_as::<_, (i64,)>(insert)
+            .bind(A::TYPE)
+            .bind(id.to_string())
+            .bind(version as i64 + 1)
+            .bind(event.event_type())
+            .bind(event.event_version())
+            .bind(payload)
+            .bind(&metadata);
+        let query = if reads.is_empty() {
+            query
+        } else {
+            ReadColumns::new(reads).bind(query)
+        };
         let mut connection = self.statements.acquire().await?;
-        let result = sqlx::query_scalar::<_, i64>(
-            "INSERT INTO events \
-                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING position",
-        )
-        .bind(A::TYPE)
-        .bind(id.to_string())
-        .bind(version as i64 + 1)
-        .bind(event.event_type())
-        .bind(event.event_version())
-        .bind(payload)
-        .bind(&metadata)
-        .fetch_one(&mut *connection)
-        .await;
+        let result = query.fetch_optional(&mut *connection).await;
         match connection.give_back(result) {
-            Ok(position) => Ok(Ok(position)),
+            Ok(Some((position,))) => Ok(Ok(position)),
+            // Only the condition on the reads can leave the row out.
+            Ok(None) => Ok(Err(AppendFailure::ReadChanged)),
             Err(error) => classify_append(error).map(Err),
         }
     }

@@ -59,6 +59,16 @@ impl fmt::Display for ProductStatus {
     }
 }
 
+/// The events that change a product's listing: what an order line takes from it (SKU,
+/// name, price) and whether it can be ordered at all (its status). Stock movements, which
+/// the order process appends all the time, leave it as it was.
+pub const LISTING_EVENTS: &[&str] = &[
+    "ProductCreated",
+    "ProductDetailsUpdated",
+    "ProductPriceChanged",
+    "ProductDiscontinued",
+];
+
 /// How many ended reservations a product remembers (the most recent ones). A retry the
 /// order process makes after a crash repeats one batch of its events (at most 200 but for
 /// a gap it fills), so it finds the ending it repeats.
@@ -610,6 +620,79 @@ mod tests {
             product.apply(event);
         }
         product
+    }
+
+    /// What an order line takes from a product, and whether it can be ordered.
+    fn listing(product: &Product) -> (Option<Sku>, Option<ProductName>, Option<Money>, bool) {
+        (
+            product.sku().cloned(),
+            product.name().cloned(),
+            product.price(),
+            product.is_discontinued(),
+        )
+    }
+
+    #[test]
+    fn only_the_listing_events_change_a_products_listing() {
+        let later = [
+            ProductEvent::ProductDetailsUpdated {
+                name: Some(ProductName::parse("Black tea").unwrap()),
+                description: None,
+            },
+            ProductEvent::ProductPriceChanged {
+                price: Money::new(2499, Currency::EUR).unwrap(),
+            },
+            ProductEvent::ProductRestocked { quantity: qty(3) },
+            ProductEvent::StockReserved {
+                order_id: order(3),
+                quantity: qty(1),
+            },
+            ProductEvent::StockReleased {
+                order_id: order(1),
+                quantity: qty(1),
+            },
+            ProductEvent::ReservationCommitted {
+                order_id: order(2),
+                quantity: qty(1),
+            },
+            ProductEvent::ProductDiscontinued,
+        ];
+        // A new kind of event does not compile here until it is listed above.
+        for event in &later {
+            match event {
+                ProductEvent::ProductCreated { .. }
+                | ProductEvent::ProductDetailsUpdated { .. }
+                | ProductEvent::ProductPriceChanged { .. }
+                | ProductEvent::ProductRestocked { .. }
+                | ProductEvent::StockReserved { .. }
+                | ProductEvent::StockReleased { .. }
+                | ProductEvent::ReservationCommitted { .. }
+                | ProductEvent::ProductDiscontinued => {}
+            }
+        }
+        let mut product = product_from([
+            created(5),
+            ProductEvent::StockReserved {
+                order_id: order(1),
+                quantity: qty(1),
+            },
+            ProductEvent::StockReserved {
+                order_id: order(2),
+                quantity: qty(1),
+            },
+        ]);
+        assert_ne!(listing(&product), listing(&Product::default()));
+        assert!(LISTING_EVENTS.contains(&created(5).event_type()));
+        for event in later {
+            let kind = event.event_type();
+            let before = listing(&product);
+            product.apply(event);
+            assert_eq!(
+                listing(&product) != before,
+                LISTING_EVENTS.contains(&kind),
+                "{kind}"
+            );
+        }
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
 use hindsight_commands::{
-    Actor, CommandBus, EventMetadata, Executed, Refusal, StoreError, StoreSettings, UniqueKey,
+    Actor, CommandBus, EventMetadata, Executed, ReadAt, Refusal, StoreError, StoreSettings,
+    UniqueKey,
 };
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
-use hindsight_domain::product::{ProductCommand, ProductError};
+use hindsight_domain::order::{NewOrderLine, OrderCommand, OrderError};
+use hindsight_domain::product::{self, Product, ProductCommand, ProductError};
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand};
 use hindsight_domain::values::{
@@ -999,6 +1001,114 @@ async fn a_cached_copy_the_store_moved_past_is_caught_up_from_the_events_after_i
         .unwrap()
         .unwrap();
     assert_eq!((loaded.state.stock_available(), loaded.version), (36, 27));
+}
+
+/// Places an order for one unit of each product through `commands`, decided with them as
+/// read in `reads`; answers the order's id and the outcome.
+async fn place_reading(
+    commands: &CommandBus,
+    products: &[ProductId],
+    reads: &[ReadAt],
+) -> (OrderId, Result<Executed, Refusal<OrderError>>) {
+    let order = OrderId::new();
+    let lines = products
+        .iter()
+        .map(|product| NewOrderLine {
+            product_id: *product,
+            sku: Sku::parse("SKU-READ").unwrap(),
+            name: ProductName::parse("Widget").unwrap(),
+            quantity: Quantity::new(1).unwrap(),
+            unit_price: Money::new(1999, Currency::EUR).unwrap(),
+        })
+        .collect();
+    let command = OrderCommand::Place {
+        order_id: order,
+        customer_id: UserId::new(),
+        lines,
+    };
+    let outcome = commands
+        .orders
+        .execute_new_reading(order.as_uuid(), command, &metadata("place"), reads)
+        .await
+        .unwrap();
+    (order, outcome)
+}
+
+#[tokio::test]
+async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
+    let db = TestDb::new().await;
+    let here = db.commands(StoreSettings::default());
+    let elsewhere = db.commands(StoreSettings::default());
+    let kettle = created_product(&here, "SKU-KETTLE", 5).await;
+    let teapot = created_product(&here, "SKU-TEAPOT", 5).await;
+    let listing = |product: ProductId, version| {
+        ReadAt::part::<Product>(product.as_uuid(), version, product::LISTING_EVENTS)
+    };
+    let whole = |product: ProductId, version| ReadAt::new::<Product>(product.as_uuid(), version);
+
+    let (_, placed) = place_reading(
+        &here,
+        &[kettle, teapot],
+        &[listing(kettle, 1), listing(teapot, 1)],
+    )
+    .await;
+    assert_eq!(placed.unwrap().version, 1);
+
+    // A restock elsewhere changes the kettle, but not its listing.
+    restock_times(&elsewhere, kettle.as_uuid(), 1, 1).await;
+    let (_, placed) = place_reading(&here, &[kettle], &[listing(kettle, 1)]).await;
+    assert!(
+        placed.is_ok(),
+        "a stock movement leaves the listing read: {placed:?}"
+    );
+    let (order, refused) = place_reading(&here, &[kettle], &[whole(kettle, 1)]).await;
+    assert_eq!(
+        refused,
+        Err(Refusal::ReadChanged),
+        "the kettle as a whole has changed"
+    );
+    assert!(
+        sequences_of(&db, order.as_uuid()).await.is_empty(),
+        "nothing was appended"
+    );
+
+    // A new price elsewhere changes the listing; one changed read of two is enough.
+    elsewhere
+        .products
+        .execute(
+            teapot.as_uuid(),
+            ProductCommand::ChangePrice {
+                price: Money::new(2499, Currency::EUR).unwrap(),
+            },
+            &metadata("price"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let (order, refused) = place_reading(
+        &here,
+        &[kettle, teapot],
+        &[listing(kettle, 2), listing(teapot, 1)],
+    )
+    .await;
+    assert_eq!(refused, Err(Refusal::ReadChanged));
+    assert!(
+        sequences_of(&db, order.as_uuid()).await.is_empty(),
+        "nothing was appended"
+    );
+    let (_, placed) = place_reading(
+        &here,
+        &[kettle, teapot],
+        &[listing(kettle, 2), whole(teapot, 2)],
+    )
+    .await;
+    assert!(placed.is_ok(), "read again at its version: {placed:?}");
+    assert_eq!(
+        db.unused_positions().await,
+        0,
+        "a refused append takes no position"
+    );
 }
 
 #[tokio::test]

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use hindsight_commands::{Actor, EventMetadata, StoreSettings};
+use hindsight_domain::product::ProductCommand;
 use hindsight_domain::role::Role;
+use hindsight_domain::values::{Currency, Money, Quantity};
 use hindsight_tests::{eventually, TestSystem, TestUser};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -219,4 +222,81 @@ async fn cancelling_a_confirmed_order_returns_its_stock_and_too_large_orders_are
         .unwrap();
     assert_eq!(view["rejection_reason"], "INSUFFICIENT_STOCK");
     assert_eq!(stock(&system, &kettle).await, (4, 0));
+}
+
+/// The unit prices of the order lines stored in order `order`'s placement.
+async fn placed_prices(system: &TestSystem, order: &str) -> Vec<i64> {
+    let lines: Value = sqlx::query_scalar(
+        "SELECT payload -> 'OrderPlaced' -> 'lines' FROM events \
+         WHERE aggregate_type = 'order' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(order)
+    .fetch_one(&system.db.pool)
+    .await
+    .unwrap();
+    lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|line| line["unit_price"]["amount"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_order_takes_its_products_listing_as_stored_when_placed_whatever_this_instance_cached() {
+    // Placing an order decides on the products as this instance has them cached, without
+    // a statement to confirm each; its append checks that no listing changed since. Here
+    // another instance changes the product behind this one's back.
+    let system = TestSystem::start().await;
+    let admin = system.user(Role::Admin).await;
+    let customer = system.user(Role::Customer).await;
+    let kettle = product(&system, &admin, "kettle-listing", 50).await;
+    let first = place(&system, &customer, &kettle, 1).await;
+    assert_eq!(placed_prices(&system, &first).await, [3000]);
+
+    let elsewhere = system.db.commands(StoreSettings::default());
+    let id: uuid::Uuid = kettle.parse().unwrap();
+    let metadata = EventMetadata::for_request(Actor::system(), "elsewhere");
+    let change = |command| elsewhere.products.execute(id, command, &metadata, None);
+    // A stock movement changes no listing: the cached copy still holds.
+    change(ProductCommand::Restock {
+        quantity: Quantity::new(5).unwrap(),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let second = place(&system, &customer, &kettle, 1).await;
+    assert_eq!(placed_prices(&system, &second).await, [3000]);
+
+    change(ProductCommand::ChangePrice {
+        price: Money::new(4500, Currency::EUR).unwrap(),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let third = place(&system, &customer, &kettle, 1).await;
+    assert_eq!(
+        placed_prices(&system, &third).await,
+        [4500],
+        "the new price, though this instance had the old one cached"
+    );
+
+    change(ProductCommand::Discontinue).await.unwrap().unwrap();
+    let refused = system
+        .client()
+        .post(system.url("/api/v1/orders"))
+        .bearer_auth(&customer.access_token)
+        .json(&json!({"lines": [{"product_id": kettle, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "PRODUCT_DISCONTINUED", "{body}");
+    let placed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'OrderPlaced'")
+            .fetch_one(&system.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(placed, 3, "the refused order stored nothing");
 }

@@ -7,8 +7,11 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::Method;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use hindsight_commands::store::Loaded;
+use hindsight_commands::{ReadAt, Refusal};
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
 use hindsight_domain::order::{NewOrderLine, Order, OrderCommand, OrderStatus};
+use hindsight_domain::product::{self, Product};
 use hindsight_domain::role::Role;
 use hindsight_domain::values::Quantity;
 use hindsight_projections::orders::{self, OrderFilter, OrderView};
@@ -91,8 +94,60 @@ async fn place(
     if body.lines.len() > hindsight_domain::order::MAX_ORDER_LINES {
         return Err(ApiError::validation("lines", "must have at most 100 lines"));
     }
+    let order_id = OrderId::new();
+    let metadata = metadata(actor(&user), &request_id);
+    // The order is decided on its products' listings as this process has them cached,
+    // and its append holds it to them: should one have changed since the version read
+    // (a new price, say), nothing is stored and the products are read again, as the store
+    // holds them now. Stock movements change no listing.
+    let mut attempts = 0;
+    let executed = loop {
+        attempts += 1;
+        let (lines, reads) = order_lines(&state, &body, attempts > 1).await?;
+        let executed = state
+            .commands
+            .orders
+            .execute_new_reading(
+                order_id.as_uuid(),
+                OrderCommand::Place {
+                    order_id,
+                    customer_id: UserId::from_uuid(user.id),
+                    lines,
+                },
+                &metadata,
+                &reads,
+            )
+            .await?;
+        match executed {
+            Err(Refusal::ReadChanged) if attempts < PLACE_ATTEMPTS => {
+                tracing::debug!(attempts, "a product's listing changed, reading it again");
+            }
+            executed => break executed?,
+        }
+    };
+    let body = serde_json::to_value(OrderPlaced {
+        id: order_id.as_uuid(),
+        status: OrderStatus::Pending,
+    })
+    .map_err(ApiError::internal)?;
+    Ok(CommandAnswer::created(body, executed.position))
+}
+
+/// How many times placing an order reads its products before it answers that they keep
+/// changing (`CONCURRENT_MODIFICATION`): after the first, each reads them from the store.
+const PLACE_ATTEMPTS: u32 = 3;
+
+/// The lines of an order as placed, each with its product's SKU, name and price, and the
+/// version of each product they were read at. `confirmed`: each product is read as the
+/// store holds it now (one statement each), else from this process's cache where it can.
+async fn order_lines(
+    state: &AppState,
+    body: &PlaceRequest,
+    confirmed: bool,
+) -> Result<(Vec<NewOrderLine>, Vec<ReadAt>), ApiError> {
     let mut fields = Fields::default();
     let mut lines = Vec::with_capacity(body.lines.len());
+    let mut reads = Vec::with_capacity(body.lines.len());
     for (index, line) in body.lines.iter().enumerate() {
         let quantity = u32::try_from(line.quantity)
             .ok()
@@ -105,24 +160,35 @@ async fn place(
             continue;
         };
         // The product's name, SKU, price and status only: its whole state holds every
-        // order that ever reserved it.
-        let product = state
-            .commands
-            .products
-            .read(line.product_id, |product| {
-                let listed = match (product.sku(), product.name(), product.price()) {
-                    (Some(sku), Some(name), Some(price)) => {
-                        Some((sku.clone(), name.clone(), price))
-                    }
-                    _ => None,
-                };
-                (product.is_discontinued(), listed)
-            })
-            .await?;
-        let Some((discontinued, listed)) = product.map(|loaded| loaded.state) else {
+        // order that reserved it and has not been shipped.
+        let listing = |product: &Product| {
+            let listed = match (product.sku(), product.name(), product.price()) {
+                (Some(sku), Some(name), Some(price)) => Some((sku.clone(), name.clone(), price)),
+                _ => None,
+            };
+            (product.is_discontinued(), listed)
+        };
+        let products = &state.commands.products;
+        let product = match (!confirmed)
+            .then(|| products.read_cached(line.product_id, listing))
+            .flatten()
+        {
+            Some(cached) => Some(cached),
+            None => products.read(line.product_id, listing).await?,
+        };
+        let Some(Loaded {
+            state: (discontinued, listed),
+            version,
+        }) = product
+        else {
             fields.fail(&format!("lines[{index}].product_id"), "is not a product");
             continue;
         };
+        reads.push(ReadAt::part::<Product>(
+            line.product_id,
+            version,
+            product::LISTING_EVENTS,
+        ));
         if discontinued {
             return Err(ApiError::Conflict {
                 code: "PRODUCT_DISCONTINUED",
@@ -141,26 +207,7 @@ async fn place(
         }
     }
     fields.finish()?;
-    let order_id = OrderId::new();
-    let executed = state
-        .commands
-        .orders
-        .execute_new(
-            order_id.as_uuid(),
-            OrderCommand::Place {
-                order_id,
-                customer_id: UserId::from_uuid(user.id),
-                lines,
-            },
-            &metadata(actor(&user), &request_id),
-        )
-        .await??;
-    let body = serde_json::to_value(OrderPlaced {
-        id: order_id.as_uuid(),
-        status: OrderStatus::Pending,
-    })
-    .map_err(ApiError::internal)?;
-    Ok(CommandAnswer::created(body, executed.position))
+    Ok((lines, reads))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
