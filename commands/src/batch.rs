@@ -35,7 +35,7 @@ use uuid::Uuid;
 use crate::metadata::EventMetadata;
 use crate::statements::StatementPool;
 use crate::store::{
-    classify_append, AggregateStore, AppendFailure, Held, ReadAt, ReadColumns, Refusal, Snapshot,
+    bind_reads, classify_append, AggregateStore, AppendFailure, Held, ReadAt, Refusal, Snapshot,
     StoreError, READS_UNCHANGED,
 };
 use crate::CommandBus;
@@ -344,11 +344,7 @@ pub(crate) async fn insert_rows(
         .bind(columns.event_versions)
         .bind(columns.payloads)
         .bind(columns.metadata);
-    let query = if reads.is_empty() {
-        query
-    } else {
-        ReadColumns::new(reads).bind(query)
-    };
+    let query = bind_reads(reads, query);
     let mut connection = statements.acquire().await?;
     let result = query.fetch_all(&mut *connection).await;
     match connection.give_back(result) {

@@ -185,12 +185,24 @@ pub async fn aggregate_events<'e>(
     aggregate_type: &str,
     aggregate_id: Uuid,
 ) -> Result<Vec<StoredEvent>, EventDecodeError> {
+    aggregate_events_after(executor, aggregate_type, aggregate_id, 0).await
+}
+
+/// The events of one aggregate after sequence `after`, in sequence order: a walk of the
+/// primary key from there, whatever plan the session keeps.
+pub async fn aggregate_events_after<'e>(
+    executor: impl PgExecutor<'e>,
+    aggregate_type: &str,
+    aggregate_id: Uuid,
+    after: i64,
+) -> Result<Vec<StoredEvent>, EventDecodeError> {
     let rows = sqlx::query(&format!(
         "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence"
+         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence"
     ))
     .bind(aggregate_type)
     .bind(aggregate_id.to_string())
+    .bind(after)
     .fetch_all(executor)
     .await?;
     rows.iter().map(StoredEvent::from_row).collect()

@@ -246,6 +246,17 @@ impl StatementError for sqlx::Error {
     }
 }
 
+/// Rows that were read to the end and then failed to decode as events leave the connection
+/// ready; a database error says for itself.
+impl StatementError for crate::event::EventDecodeError {
+    fn leaves_connection_ready(&self) -> bool {
+        match self {
+            Self::Database(error) => error.leaves_connection_ready(),
+            Self::Metadata { .. } | Self::Payload { .. } | Self::Upcast { .. } => true,
+        }
+    }
+}
+
 impl Deref for Lent {
     type Target = PgConnection;
 

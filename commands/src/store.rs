@@ -42,7 +42,8 @@ use uuid::Uuid;
 
 use crate::aggregate::EventSourced;
 use crate::batch::{insert_rows, Row};
-use crate::event::{EventDecodeError, StoredEvent, EVENT_COLUMNS};
+use crate::event::EventDecodeError;
+use crate::history::aggregate_events_after;
 use crate::metadata::EventMetadata;
 use crate::statements::StatementPool;
 use crate::turns::{Turn, Turns};
@@ -124,43 +125,29 @@ impl ReadAt {
     }
 }
 
-/// The parameters of the condition that holds an append to what its command read.
-pub(crate) struct ReadColumns {
-    aggregate_types: Vec<&'static str>,
-    ids: Vec<String>,
-    versions: Vec<i64>,
-    /// The types that change each read, comma-separated; `None`: any type.
-    changed_by: Vec<Option<String>>,
-}
-
-impl ReadColumns {
-    pub(crate) fn new(reads: &[ReadAt]) -> Self {
-        Self {
-            aggregate_types: reads.iter().map(|read| read.aggregate_type).collect(),
-            ids: reads.iter().map(|read| read.id.to_string()).collect(),
-            versions: reads.iter().map(|read| read.version as i64).collect(),
-            changed_by: reads
-                .iter()
-                .map(|read| read.changed_by.map(|types| types.join(",")))
-                .collect(),
-        }
+/// Binds the parameters of [`READS_UNCHANGED`] (`$8` to `$11`: each read's aggregate type,
+/// id, version and the types that change it, comma-separated, or `NULL` for any) to an
+/// append's statement; an append that read nothing carries no condition and gets none.
+pub(crate) fn bind_reads<'q, O>(
+    reads: &[ReadAt],
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    if reads.is_empty() {
+        return query;
     }
-
-    pub(crate) fn bind<'q, O>(
-        self,
-        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-        query
-            .bind(self.aggregate_types)
-            .bind(self.ids)
-            .bind(self.versions)
-            .bind(self.changed_by)
-    }
+    let types: Vec<&str> = reads.iter().map(|read| read.aggregate_type).collect();
+    let ids: Vec<String> = reads.iter().map(|read| read.id.to_string()).collect();
+    let versions: Vec<i64> = reads.iter().map(|read| read.version as i64).collect();
+    let changed_by: Vec<Option<String>> = reads
+        .iter()
+        .map(|read| read.changed_by.map(|types| types.join(",")))
+        .collect();
+    query.bind(types).bind(ids).bind(versions).bind(changed_by)
 }
 
 /// The condition an append carries when its command read other aggregates: none of them
 /// holds an event after the version read that changes what was read (parameters `$8` to
-/// `$11`, see [`ReadColumns`]). Each is a walk of its stretch of the primary key from that
+/// `$11`, see [`bind_reads`]). Each is a walk of its stretch of the primary key from that
 /// version on: the events since, usually none or a few.
 pub(crate) const READS_UNCHANGED: &str = "NOT EXISTS ( \
      SELECT FROM UNNEST($8::text[], $9::text[], $10::bigint[], $11::text[]) \
@@ -310,16 +297,6 @@ static APPEND_READING: LazyLock<String> = LazyLock::new(|| {
              (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
          SELECT $1::text, $2::text, $3::int8, $4::text, $5::text, $6::jsonb, $7::jsonb \
          WHERE {READS_UNCHANGED} RETURNING position"
-    )
-});
-
-/// The events of one aggregate after a sequence, in order: how a copy that fell behind
-/// is brought up to date (an ordered walk of the primary key from that sequence on,
-/// whatever plan the session keeps).
-static CATCH_UP: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT {EVENT_COLUMNS} FROM events \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 ORDER BY sequence"
     )
 });
 
@@ -561,15 +538,10 @@ impl<A: domain::Aggregate> AggregateStore<A> {
         }
         count_read(A::TYPE, "caught_up");
         let mut connection = self.statements.acquire().await?;
-        let rows = sqlx::query(&CATCH_UP)
-            .bind(A::TYPE)
-            .bind(id.to_string())
-            .bind(entry.version as i64)
-            .fetch_all(&mut *connection)
-            .await;
-        let rows = connection.give_back(rows)?;
-        for row in &rows {
-            let stored = StoredEvent::from_row(row).map_err(corrupt)?;
+        let events =
+            aggregate_events_after(&mut *connection, A::TYPE, id, entry.version as i64).await;
+        let events = connection.give_back(events).map_err(corrupt)?;
+        for stored in events {
             if stored.sequence != entry.version as i64 + 1 {
                 // Sequences are consecutive from 1, so the copy was not a stored state.
                 return self.load_fresh(id).await;
@@ -1001,11 +973,7 @@ impl<A: domain::Aggregate> AggregateStore<A> {
             .bind(event.event_version())
             .bind(payload)
             .bind(&metadata);
-        let query = if reads.is_empty() {
-            query
-        } else {
-            ReadColumns::new(reads).bind(query)
-        };
+        let query = bind_reads(reads, query);
         let mut connection = self.statements.acquire().await?;
         let result = query.fetch_optional(&mut *connection).await;
         match connection.give_back(result) {
