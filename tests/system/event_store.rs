@@ -1111,6 +1111,148 @@ async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
     );
 }
 
+/// An aggregate of this test file whose one command decides several events: no command
+/// of the domain does today, but the store appends such commands in one statement, and
+/// that statement carries the condition on what the command read.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Tally {
+    count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum TallyEvent {
+    Counted { nth: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct NeverRefused;
+
+impl std::fmt::Display for NeverRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a tally refuses nothing")
+    }
+}
+
+impl std::error::Error for NeverRefused {}
+
+impl hindsight_domain::RuleViolation for NeverRefused {
+    fn code(&self) -> &'static str {
+        "NEVER_REFUSED"
+    }
+}
+
+impl hindsight_domain::DomainEvent for TallyEvent {
+    fn event_type(&self) -> &'static str {
+        "Counted"
+    }
+
+    fn event_version(&self) -> &'static str {
+        "1"
+    }
+}
+
+impl hindsight_domain::Aggregate for Tally {
+    const TYPE: &'static str = "test_tally";
+    /// How many events to decide.
+    type Command = u64;
+    type Event = TallyEvent;
+    type Error = NeverRefused;
+
+    fn handle(&self, times: u64) -> Result<Vec<TallyEvent>, NeverRefused> {
+        Ok((1..=times)
+            .map(|n| TallyEvent::Counted {
+                nth: self.count + n,
+            })
+            .collect())
+    }
+
+    fn apply(&mut self, TallyEvent::Counted { nth }: TallyEvent) {
+        self.count = nth;
+    }
+}
+
+#[tokio::test]
+async fn a_command_of_several_events_holds_to_what_it_read_and_appends_all_or_none() {
+    let db = TestDb::new().await;
+    let commands = db.commands(StoreSettings::default());
+    let tallies = hindsight_commands::AggregateStore::<Tally>::new(
+        db.pool.clone(),
+        commands.statements().clone(),
+        StoreSettings::default(),
+        commands.appends().clone(),
+    );
+    let kettle = created_product(&commands, "SKU-TALLY", 5).await;
+    restock_times(&commands, kettle.as_uuid(), 1, 1).await;
+    let listing = ReadAt::part::<Product>(kettle.as_uuid(), 1, product::LISTING_EVENTS);
+    let whole = ReadAt::new::<Product>(kettle.as_uuid(), 1);
+
+    // Read as a whole at version 1, the kettle has moved on (a restock): nothing appended.
+    let refused_id = uuid::Uuid::new_v4();
+    let refused = tallies
+        .execute_new_reading(refused_id, 3, &metadata("tally-whole"), &[whole])
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err(), Refusal::ReadChanged);
+    assert!(
+        sequences_of(&db, refused_id).await.is_empty(),
+        "no event of three"
+    );
+
+    // Its listing at version 1 still holds: all three events, in order, one statement.
+    let counted_id = uuid::Uuid::new_v4();
+    let counted = tallies
+        .execute_new_reading(counted_id, 3, &metadata("tally-listing"), &[listing])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((counted.version, counted.appended), (3, 3));
+    assert_eq!(sequences_of(&db, counted_id).await, vec![1, 2, 3]);
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(counted_id.to_string())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]));
+    assert_eq!(positions.last(), Some(&counted.position));
+
+    // A new price changes the listing: refused again, and the tally keeps its three.
+    commands
+        .products
+        .execute(
+            kettle.as_uuid(),
+            ProductCommand::ChangePrice {
+                price: Money::new(2499, Currency::EUR).unwrap(),
+            },
+            &metadata("tally-price"),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let listing = ReadAt::part::<Product>(kettle.as_uuid(), 2, product::LISTING_EVENTS);
+    let again = tallies
+        .execute(counted_id, 2, &metadata("tally-again"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        again.version, 5,
+        "without reads, appended as any command is"
+    );
+    let refused = tallies
+        .execute_new_reading(refused_id, 2, &metadata("tally-price-read"), &[listing])
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err(), Refusal::ReadChanged);
+    assert!(sequences_of(&db, refused_id).await.is_empty());
+    assert_eq!(
+        db.unused_positions().await,
+        0,
+        "a refused append of several events takes no position"
+    );
+}
+
 #[tokio::test]
 async fn a_command_on_a_minted_id_that_holds_events_is_decided_on_the_stored_aggregate() {
     // `execute_new` skips the load for an id its caller just minted. Should the id hold
