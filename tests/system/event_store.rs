@@ -1408,6 +1408,71 @@ async fn an_append_reads_one_index_entry_whatever_its_streams_length() {
 }
 
 #[tokio::test]
+async fn an_append_that_read_other_aggregates_keeps_one_plan_per_session() {
+    // Written inline, the condition on the reads made the placement's INSERT cost depend on
+    // its array parameters, and Postgres planned the whole statement on every execution
+    // (migration 0015) once the store held a thousand events or so. Eight placements on a
+    // session of their own, with a few thousand events stored: after Postgres's five
+    // custom plans, the session reuses one generic plan.
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'test', 'history', s, 'Happened', '1', '{}', '{}' FROM generate_series(1, 3000) s",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let commands = db.commands(StoreSettings::default());
+    let kettle = created_product(&commands, "SKU-PLANS", 50).await;
+    let session = hindsight_commands::statements::StatementPool::new(db.connect_options(), 1);
+    let orders = hindsight_commands::AggregateStore::<hindsight_domain::order::Order>::new(
+        db.pool.clone(),
+        session.clone(),
+        StoreSettings::default(),
+        commands.appends().clone(),
+    );
+    for n in 0..8 {
+        let order = OrderId::new();
+        let command = OrderCommand::Place {
+            order_id: order,
+            customer_id: UserId::new(),
+            lines: vec![NewOrderLine {
+                product_id: kettle,
+                sku: Sku::parse("SKU-PLANS").unwrap(),
+                name: ProductName::parse("Widget").unwrap(),
+                quantity: Quantity::new(1).unwrap(),
+                unit_price: Money::new(1999, Currency::EUR).unwrap(),
+            }],
+        };
+        let read = ReadAt::part::<Product>(kettle.as_uuid(), 1, product::LISTING_EVENTS);
+        orders
+            .execute_new_reading(
+                order.as_uuid(),
+                command,
+                &metadata(&format!("p{n}")),
+                &[read],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut connection = session.acquire().await.unwrap();
+    let plans = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'INSERT INTO events%' \
+           AND statement LIKE '%$11::text[]%'",
+    )
+    .fetch_one(&mut *connection)
+    .await;
+    let (generic, custom) = connection.give_back(plans).unwrap();
+    assert_eq!(
+        (generic, custom),
+        (3, 5),
+        "eight guarded appends: five custom plans, then the generic one"
+    );
+}
+
+#[tokio::test]
 async fn commands_without_the_aggregate_cache_behave_the_same() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings {
