@@ -64,14 +64,7 @@ pub async fn raw_inserts(
     let mut connection = pool.acquire().await?;
     let created = sqlx::query(RAW_EVENTS).execute(&mut *connection).await;
     connection.give_back(created)?;
-    let payload = json!({"ProductRestocked": {"quantity": 1}});
-    let metadata = json!({
-        "actor_id": Uuid::now_v7().to_string(),
-        "actor_role": "admin",
-        "request_id": Uuid::new_v4().to_string(),
-        "correlation_id": Uuid::new_v4().to_string(),
-        "causation_id": Uuid::new_v4().to_string(),
-    });
+    let (payload, metadata) = restock_event();
     let run = Uuid::new_v4();
     let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
         let pool = pool.clone();
@@ -101,6 +94,65 @@ pub async fn raw_inserts(
     })
     .await;
     Ok(sample)
+}
+
+/// Appends of one event each to the event store's own table, with its triggers (positions,
+/// the hash chain) and indexes, by plain `INSERT`s from `clients` connections, each client
+/// to a stream of its own, one autocommitted statement per event: what the schema alone
+/// costs, with no server, cache or pipeline. `url` names a database of its own with
+/// Hindsight's migrations applied, never the one a server runs on (its relay would
+/// publish these events).
+pub async fn store_appends(
+    url: &str,
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Sample> {
+    let pool = connections(url, clients).await?;
+    let (payload, metadata) = restock_event();
+    let run = Uuid::new_v4();
+    let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
+        let pool = pool.clone();
+        let payload = payload.clone();
+        let metadata = metadata.clone();
+        async move {
+            let mut connection = match pool.acquire().await {
+                Ok(connection) => connection,
+                Err(error) => return Outcome::Failed(error.to_string()),
+            };
+            // As the server's append of a command's one event.
+            let result = sqlx::query(
+                "INSERT INTO events \
+                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                 VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4) RETURNING position",
+            )
+            .bind(format!("{run}-{client}"))
+            .bind(iteration as i64 + 1)
+            .bind(payload)
+            .bind(metadata)
+            .fetch_one(&mut *connection)
+            .await;
+            match connection.give_back(result) {
+                Ok(_) => Outcome::Ok(None),
+                Err(error) => Outcome::Failed(error.to_string()),
+            }
+        }
+    })
+    .await;
+    Ok(sample)
+}
+
+/// A restock's payload and metadata, shaped as the server stores them.
+fn restock_event() -> (serde_json::Value, serde_json::Value) {
+    let payload = json!({"ProductRestocked": {"quantity": 1}});
+    let metadata = json!({
+        "actor_id": Uuid::now_v7().to_string(),
+        "actor_role": "admin",
+        "request_id": Uuid::new_v4().to_string(),
+        "correlation_id": Uuid::new_v4().to_string(),
+        "causation_id": Uuid::new_v4().to_string(),
+    });
+    (payload, metadata)
 }
 
 /// Point reads of one product row by primary key from the read model's table, as fast as

@@ -146,6 +146,27 @@ pub fn rows() -> Vec<Row> {
         }
     }
     for clients in [8, 32] {
+        let alone = format!("event-store appends alone, {clients} clients: rate");
+        let alone_key = format!("s1.store_append.{clients}.rate");
+        rows.push(
+            Row::new("1 writes", alone.clone(), alone_key.clone(), "cmd/s").baseline(
+                format!("raw inserts, {clients} clients"),
+                format!("s1.raw_insert.{clients}.rate"),
+            ),
+        );
+        for (kind, label) in [("restock", "restock"), ("order", "place order")] {
+            rows.push(
+                Row::new(
+                    "1 writes",
+                    format!("{label}, {clients} clients: rate, against the appends alone"),
+                    format!("s1.{kind}.{clients}.rate"),
+                    "cmd/s",
+                )
+                .baseline(alone.clone(), alone_key.clone()),
+            );
+        }
+    }
+    for clients in [8, 32] {
         rows.push(
             Row::new(
                 "1 writes",

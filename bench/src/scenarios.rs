@@ -318,13 +318,38 @@ async fn wait_idle(pool: &PgPool) -> Result<()> {
 }
 
 /// Scenario 1 (and the memory of scenario 6): restocks and order placements at 8 and 32
-/// clients, against raw single-row inserts at the same concurrency.
+/// clients, against raw single-row inserts at the same concurrency, and beside them the
+/// event store's own appends without the server (in a database of their own).
 async fn writes(
     settings: &Settings,
     database: &Database,
     fixture: &Fixture,
     figures: &mut Figures,
 ) -> Result<()> {
+    let appends = database.beside("appends").await?;
+    let result = writes_beside(settings, database, &appends, fixture, figures).await;
+    let dropped = appends.drop_now().await;
+    result?;
+    dropped
+}
+
+async fn writes_beside(
+    settings: &Settings,
+    database: &Database,
+    appends: &Database,
+    fixture: &Fixture,
+    figures: &mut Figures,
+) -> Result<()> {
+    {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&appends.url)
+            .await?;
+        hindsight_commands::db::migrate(&pool)
+            .await
+            .context("migrating the database of the event-store appends")?;
+        pool.close().await;
+    }
     for clients in [8usize, 32] {
         let key = format!("s1.raw_insert.{clients}");
         let raw = metered(
@@ -336,6 +361,17 @@ async fn writes(
         )
         .await?;
         put_sample(figures, &key, &raw);
+
+        let key = format!("s1.store_append.{clients}");
+        let store = metered(
+            settings,
+            fixture.server_pid,
+            figures,
+            &key,
+            baseline::store_appends(&appends.url, clients, settings.warmup, settings.duration),
+        )
+        .await?;
+        put_sample(figures, &key, &store);
 
         let (api, admin, products) = (
             fixture.api.clone(),

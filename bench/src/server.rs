@@ -68,6 +68,17 @@ impl Database {
         })
     }
 
+    /// Another throw-away database on the same server, named after `label`.
+    pub async fn beside(&self, label: &str) -> Result<Self> {
+        let env = Environment {
+            postgres_url: self.postgres_url.clone(),
+            nats_url: String::new(),
+            hindsight: PathBuf::new(),
+            work_dir: PathBuf::new(),
+        };
+        Self::create(&env, label).await
+    }
+
     pub async fn drop_now(self) -> Result<()> {
         let mut admin = PgConnection::connect(&self.postgres_url).await?;
         sqlx::query(&format!(
