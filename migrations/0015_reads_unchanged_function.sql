@@ -4,8 +4,9 @@
 -- at ten elements in a generic plan and at its real length in a custom one, so the
 -- custom plan always looked cheaper and the whole INSERT (the event store's table, its
 -- triggers and seven indexes) was planned again on every execution, about 0.17 ms of
--- Postgres CPU per placement. Behind a function the INSERT's cost no longer depends on the
--- reads, and it keeps one generic plan per session.
+-- planning per placement once the table held a thousand events or so. Behind a function
+-- the INSERT's cost no longer depends on the reads, and it keeps one generic plan per
+-- session.
 --
 -- What is checked is unchanged: none of the aggregates read holds an event after the
 -- version read, counting only the event types that change what was read (`changed_by`,

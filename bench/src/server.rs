@@ -46,15 +46,22 @@ pub struct Database {
 
 impl Database {
     pub async fn create(env: &Environment, label: &str) -> Result<Self> {
+        Self::create_on(&env.postgres_url, label).await
+    }
+
+    /// Another throw-away database on the same server, named after `label`.
+    pub async fn beside(&self, label: &str) -> Result<Self> {
+        Self::create_on(&self.postgres_url, label).await
+    }
+
+    async fn create_on(postgres_url: &str, label: &str) -> Result<Self> {
         let name = own_name(DATABASE_PREFIX, label);
-        let mut admin = PgConnection::connect(&env.postgres_url)
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to Postgres at {} (is it running? scripts/services.sh up starts it)",
-                    redact(&env.postgres_url)
-                )
-            })?;
+        let mut admin = PgConnection::connect(postgres_url).await.with_context(|| {
+            format!(
+                "connecting to Postgres at {} (is it running? scripts/services.sh up starts it)",
+                redact(postgres_url)
+            )
+        })?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&mut admin)
             .await?;
@@ -62,21 +69,10 @@ impl Database {
             .execute(&mut admin)
             .await?;
         Ok(Self {
-            url: with_database(&env.postgres_url, &name),
+            url: with_database(postgres_url, &name),
             name,
-            postgres_url: env.postgres_url.clone(),
+            postgres_url: postgres_url.to_owned(),
         })
-    }
-
-    /// Another throw-away database on the same server, named after `label`.
-    pub async fn beside(&self, label: &str) -> Result<Self> {
-        let env = Environment {
-            postgres_url: self.postgres_url.clone(),
-            nats_url: String::new(),
-            hindsight: PathBuf::new(),
-            work_dir: PathBuf::new(),
-        };
-        Self::create(&env, label).await
     }
 
     pub async fn drop_now(self) -> Result<()> {
