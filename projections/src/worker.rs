@@ -31,9 +31,10 @@
 //! other read models go on. Restarting the worker retries it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::{self, consumer, ErrorCode};
 use futures::StreamExt as _;
 use hindsight_commands::event::{read_events_on, StoredEvent};
 use hindsight_commands::relay::{self, HEADER_POSITION, HEADER_PREVIOUS_POSITION};
@@ -96,6 +97,8 @@ pub enum WorkerError {
     Database(#[from] sqlx::Error),
     #[error("JetStream is unavailable: {0}")]
     JetStream(String),
+    #[error("the JetStream stream `{0}` does not exist yet (the relay creates it)")]
+    StreamMissing(String),
     #[error("reading events failed: {0}")]
     Events(#[from] hindsight_commands::event::EventDecodeError),
     #[error("projection stopped at position {position}: {error}")]
@@ -122,6 +125,9 @@ pub const QUIET_CHECKPOINT_DELAY: Duration = Duration::from_millis(100);
 /// placements, a worker's stream was once seen to stall with its pull outstanding; with
 /// the client's default (15 s) that went unnoticed for 24 s, with this for at most 10 s.
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long a worker waits for its stream quietly before it warns that none appeared.
+const STREAM_MISSING_WARNING: Duration = Duration::from_secs(30);
 
 /// One event as delivered by JetStream.
 #[derive(Debug)]
@@ -331,9 +337,36 @@ impl ProjectionWorker {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut running = self.models.clone();
         let mut backoff = Duration::from_millis(200);
+        // Since when the stream has been missing, and whether that was warned of.
+        let mut stream_missing: Option<(Instant, bool)> = None;
         while !shutdown.is_cancelled() && !running.is_empty() {
             match self.lead(&mut running, &shutdown).await {
-                Ok(_) => backoff = Duration::from_millis(200),
+                Ok(_) => {
+                    backoff = Duration::from_millis(200);
+                    stream_missing = None;
+                }
+                // A worker started beside a relay may look for the stream before the relay
+                // has created it: expected for a moment, worth a warning only if it lasts.
+                Err(error @ WorkerError::StreamMissing(_)) => {
+                    match &mut stream_missing {
+                        None => {
+                            tracing::info!(worker = self.name, %error, "waiting for the stream");
+                            stream_missing = Some((Instant::now(), false));
+                        }
+                        Some((since, warned)) => {
+                            if !*warned && since.elapsed() >= STREAM_MISSING_WARNING {
+                                tracing::warn!(
+                                    worker = self.name,
+                                    %error,
+                                    waited_s = since.elapsed().as_secs(),
+                                    "the stream is still missing: is a relay running on it?"
+                                );
+                                *warned = true;
+                            }
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
                 Err(error) => {
                     tracing::warn!(worker = self.name, %error, "projection worker interrupted; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -524,7 +557,14 @@ impl ProjectionWorker {
             .jetstream
             .get_stream(&self.settings.stream)
             .await
-            .map_err(|error| WorkerError::JetStream(error.to_string()))?;
+            .map_err(|error| match error.kind() {
+                GetStreamErrorKind::JetStream(refused)
+                    if refused.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    WorkerError::StreamMissing(self.settings.stream.clone())
+                }
+                _ => WorkerError::JetStream(error.to_string()),
+            })?;
         // Read models once run by a worker of their own now share this one: their old
         // consumers would only hold state on the server.
         for model in &self.models {
