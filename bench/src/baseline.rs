@@ -64,36 +64,10 @@ pub async fn raw_inserts(
     let mut connection = pool.acquire().await?;
     let created = sqlx::query(RAW_EVENTS).execute(&mut *connection).await;
     connection.give_back(created)?;
-    let (payload, metadata) = restock_event();
-    let run = Uuid::new_v4();
-    let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
-        let pool = pool.clone();
-        let payload = payload.clone();
-        let metadata = metadata.clone();
-        async move {
-            let mut connection = match pool.acquire().await {
-                Ok(connection) => connection,
-                Err(error) => return Outcome::Failed(error.to_string()),
-            };
-            let result = sqlx::query(
-                "INSERT INTO bench_raw_events \
-                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                 VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4)",
-            )
-            .bind(format!("{run}-{client}"))
-            .bind(iteration as i64 + 1)
-            .bind(payload)
-            .bind(metadata)
-            .execute(&mut *connection)
-            .await;
-            match connection.give_back(result) {
-                Ok(_) => Outcome::Ok(None),
-                Err(error) => Outcome::Failed(error.to_string()),
-            }
-        }
-    })
-    .await;
-    Ok(sample)
+    let insert = "INSERT INTO bench_raw_events \
+         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4)";
+    Ok(restock_rows(pool, insert, clients, warmup, duration).await)
 }
 
 /// Appends of one event each to the event store's own table, with its triggers (positions,
@@ -109,9 +83,26 @@ pub async fn store_appends(
     duration: Duration,
 ) -> Result<Sample> {
     let pool = connections(url, clients).await?;
+    // As the server's append of a command's one event.
+    let insert = "INSERT INTO events \
+         (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4) RETURNING position";
+    Ok(restock_rows(pool, insert, clients, warmup, duration).await)
+}
+
+/// `insert` (parameters: a stream id, its sequence, a restock's payload and metadata) in a
+/// closed loop from `clients` connections, each client writing a stream of its own from
+/// sequence 1 on.
+async fn restock_rows(
+    pool: StatementPool,
+    insert: &'static str,
+    clients: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Sample {
     let (payload, metadata) = restock_event();
     let run = Uuid::new_v4();
-    let sample = closed_loop(clients, warmup, duration, move |client, iteration| {
+    closed_loop(clients, warmup, duration, move |client, iteration| {
         let pool = pool.clone();
         let payload = payload.clone();
         let metadata = metadata.clone();
@@ -120,26 +111,20 @@ pub async fn store_appends(
                 Ok(connection) => connection,
                 Err(error) => return Outcome::Failed(error.to_string()),
             };
-            // As the server's append of a command's one event.
-            let result = sqlx::query(
-                "INSERT INTO events \
-                 (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                 VALUES ('product', $1, $2, 'ProductRestocked', '1', $3, $4) RETURNING position",
-            )
-            .bind(format!("{run}-{client}"))
-            .bind(iteration as i64 + 1)
-            .bind(payload)
-            .bind(metadata)
-            .fetch_one(&mut *connection)
-            .await;
+            let result = sqlx::query(insert)
+                .bind(format!("{run}-{client}"))
+                .bind(iteration as i64 + 1)
+                .bind(payload)
+                .bind(metadata)
+                .execute(&mut *connection)
+                .await;
             match connection.give_back(result) {
                 Ok(_) => Outcome::Ok(None),
                 Err(error) => Outcome::Failed(error.to_string()),
             }
         }
     })
-    .await;
-    Ok(sample)
+    .await
 }
 
 /// A restock's payload and metadata, shaped as the server stores them.
