@@ -348,22 +348,19 @@ impl ProjectionWorker {
                 // A worker started beside a relay may look for the stream before the relay
                 // has created it: expected for a moment, worth a warning only if it lasts.
                 Err(error @ WorkerError::StreamMissing(_)) => {
-                    match &mut stream_missing {
-                        None => {
-                            tracing::info!(worker = self.name, %error, "waiting for the stream");
-                            stream_missing = Some((Instant::now(), false));
-                        }
-                        Some((since, warned)) => {
-                            if !*warned && since.elapsed() >= STREAM_MISSING_WARNING {
-                                tracing::warn!(
-                                    worker = self.name,
-                                    %error,
-                                    waited_s = since.elapsed().as_secs(),
-                                    "the stream is still missing: is a relay running on it?"
-                                );
-                                *warned = true;
-                            }
-                        }
+                    if stream_missing.is_none() {
+                        tracing::info!(worker = self.name, %error, "waiting for the stream");
+                    }
+                    let (since, warned) =
+                        stream_missing.get_or_insert_with(|| (Instant::now(), false));
+                    if !*warned && since.elapsed() >= STREAM_MISSING_WARNING {
+                        tracing::warn!(
+                            worker = self.name,
+                            %error,
+                            waited_s = since.elapsed().as_secs(),
+                            "the stream is still missing: is a relay running on it?"
+                        );
+                        *warned = true;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

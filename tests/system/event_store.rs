@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
 use hindsight_commands::{
-    Actor, CommandBus, EventMetadata, Executed, ReadAt, Refusal, StoreError, StoreSettings,
-    UniqueKey,
+    Actor, AggregateStore, CommandBus, EventMetadata, Executed, ReadAt, Refusal, StoreError,
+    StoreSettings, UniqueKey,
 };
 use hindsight_domain::ids::{OrderId, ProductId, UserId};
-use hindsight_domain::order::{NewOrderLine, OrderCommand, OrderError};
+use hindsight_domain::order::{NewOrderLine, Order, OrderCommand, OrderError};
 use hindsight_domain::product::{self, Product, ProductCommand, ProductError};
 use hindsight_domain::role::Role;
 use hindsight_domain::user::{PasswordHash, UserCommand};
@@ -1005,8 +1005,25 @@ async fn a_cached_copy_the_store_moved_past_is_caught_up_from_the_events_after_i
 
 /// Places an order for one unit of each product through `commands`, decided with them as
 /// read in `reads`; answers the order's id and the outcome.
+/// Changes the price of product `id` through `commands`.
+async fn reprice(commands: &CommandBus, id: ProductId, cents: i64, request: &str) {
+    commands
+        .products
+        .execute(
+            id.as_uuid(),
+            ProductCommand::ChangePrice {
+                price: Money::new(cents, Currency::EUR).unwrap(),
+            },
+            &metadata(request),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 async fn place_reading(
-    commands: &CommandBus,
+    orders: &AggregateStore<Order>,
     products: &[ProductId],
     reads: &[ReadAt],
 ) -> (OrderId, Result<Executed, Refusal<OrderError>>) {
@@ -1026,8 +1043,7 @@ async fn place_reading(
         customer_id: UserId::new(),
         lines,
     };
-    let outcome = commands
-        .orders
+    let outcome = orders
         .execute_new_reading(order.as_uuid(), command, &metadata("place"), reads)
         .await
         .unwrap();
@@ -1047,7 +1063,7 @@ async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
     let whole = |product: ProductId, version| ReadAt::new::<Product>(product.as_uuid(), version);
 
     let (_, placed) = place_reading(
-        &here,
+        &here.orders,
         &[kettle, teapot],
         &[listing(kettle, 1), listing(teapot, 1)],
     )
@@ -1056,12 +1072,12 @@ async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
 
     // A restock elsewhere changes the kettle, but not its listing.
     restock_times(&elsewhere, kettle.as_uuid(), 1, 1).await;
-    let (_, placed) = place_reading(&here, &[kettle], &[listing(kettle, 1)]).await;
+    let (_, placed) = place_reading(&here.orders, &[kettle], &[listing(kettle, 1)]).await;
     assert!(
         placed.is_ok(),
         "a stock movement leaves the listing read: {placed:?}"
     );
-    let (order, refused) = place_reading(&here, &[kettle], &[whole(kettle, 1)]).await;
+    let (order, refused) = place_reading(&here.orders, &[kettle], &[whole(kettle, 1)]).await;
     assert_eq!(
         refused,
         Err(Refusal::ReadChanged),
@@ -1073,21 +1089,9 @@ async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
     );
 
     // A new price elsewhere changes the listing; one changed read of two is enough.
-    elsewhere
-        .products
-        .execute(
-            teapot.as_uuid(),
-            ProductCommand::ChangePrice {
-                price: Money::new(2499, Currency::EUR).unwrap(),
-            },
-            &metadata("price"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    reprice(&elsewhere, teapot, 2499, "price").await;
     let (order, refused) = place_reading(
-        &here,
+        &here.orders,
         &[kettle, teapot],
         &[listing(kettle, 2), listing(teapot, 1)],
     )
@@ -1098,7 +1102,7 @@ async fn an_append_holds_to_what_its_command_read_of_other_aggregates() {
         "nothing was appended"
     );
     let (_, placed) = place_reading(
-        &here,
+        &here.orders,
         &[kettle, teapot],
         &[listing(kettle, 2), whole(teapot, 2)],
     )
@@ -1175,7 +1179,7 @@ impl hindsight_domain::Aggregate for Tally {
 async fn a_command_of_several_events_holds_to_what_it_read_and_appends_all_or_none() {
     let db = TestDb::new().await;
     let commands = db.commands(StoreSettings::default());
-    let tallies = hindsight_commands::AggregateStore::<Tally>::new(
+    let tallies = AggregateStore::<Tally>::new(
         db.pool.clone(),
         commands.statements().clone(),
         StoreSettings::default(),
@@ -1217,19 +1221,7 @@ async fn a_command_of_several_events_holds_to_what_it_read_and_appends_all_or_no
     assert_eq!(positions.last(), Some(&counted.position));
 
     // A new price changes the listing: refused again, and the tally keeps its three.
-    commands
-        .products
-        .execute(
-            kettle.as_uuid(),
-            ProductCommand::ChangePrice {
-                price: Money::new(2499, Currency::EUR).unwrap(),
-            },
-            &metadata("tally-price"),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    reprice(&commands, kettle, 2499, "tally-price").await;
     let listing = ReadAt::part::<Product>(kettle.as_uuid(), 2, product::LISTING_EVENTS);
     let again = tallies
         .execute(counted_id, 2, &metadata("tally-again"), None)
@@ -1425,36 +1417,16 @@ async fn an_append_that_read_other_aggregates_keeps_one_plan_per_session() {
     let commands = db.commands(StoreSettings::default());
     let kettle = created_product(&commands, "SKU-PLANS", 50).await;
     let session = hindsight_commands::statements::StatementPool::new(db.connect_options(), 1);
-    let orders = hindsight_commands::AggregateStore::<hindsight_domain::order::Order>::new(
+    let orders = AggregateStore::<Order>::new(
         db.pool.clone(),
         session.clone(),
         StoreSettings::default(),
         commands.appends().clone(),
     );
-    for n in 0..8 {
-        let order = OrderId::new();
-        let command = OrderCommand::Place {
-            order_id: order,
-            customer_id: UserId::new(),
-            lines: vec![NewOrderLine {
-                product_id: kettle,
-                sku: Sku::parse("SKU-PLANS").unwrap(),
-                name: ProductName::parse("Widget").unwrap(),
-                quantity: Quantity::new(1).unwrap(),
-                unit_price: Money::new(1999, Currency::EUR).unwrap(),
-            }],
-        };
+    for _ in 0..8 {
         let read = ReadAt::part::<Product>(kettle.as_uuid(), 1, product::LISTING_EVENTS);
-        orders
-            .execute_new_reading(
-                order.as_uuid(),
-                command,
-                &metadata(&format!("p{n}")),
-                &[read],
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        let (_, placed) = place_reading(&orders, &[kettle], &[read]).await;
+        placed.unwrap();
     }
     let mut connection = session.acquire().await.unwrap();
     let plans = sqlx::query_as::<_, (i64, i64)>(
