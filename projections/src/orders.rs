@@ -129,10 +129,11 @@ impl Orders {
             updated_at.push(patch.updated_at);
             version.push(patch.version);
         }
-        // Planned for each batch (the batch's transaction forces custom plans, see
-        // `worker::BATCH_SETTINGS`): a session's generic plan made while the table was
-        // small joins the whole table by hash, and orders only ever grow (12.9 ms a batch
-        // at 60,000 orders in the benchmark, against ~0.3 ms by the primary key).
+        // Joined to the table by its primary key under either of the batch's settings
+        // (`worker::batch_settings`): a session's generic plan made while the table was
+        // small would join the whole table by hash if it could, and orders only ever grow
+        // (12.9 ms a batch at 60,000 orders in the benchmark, against ~0.3 ms by the
+        // primary key).
         let changed: BTreeSet<Uuid> = sqlx::query_scalar(&format!(
             "UPDATE {} AS o SET status = COALESCE(u.status, o.status), \
                  rejection_reason = COALESCE(u.rejection_reason, o.rejection_reason), \

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::read_model::{ApplyError, ReadModel};
-use crate::worker::BATCH_SETTINGS;
+use crate::worker::batch_settings;
 
 /// The suffix of the tables a rebuild fills.
 pub const SUFFIX: &str = "_rebuild";
@@ -564,7 +564,8 @@ async fn fill(
         // durably after every batch: no batch needs to wait for its own flush. A copy
         // grows from nothing to the whole history, on pooled sessions that keep their
         // prepared statements: each batch's statements are planned for the copy as it is.
-        tx.execute(sqlx::raw_sql(BATCH_SETTINGS)).await?;
+        tx.execute(sqlx::raw_sql(batch_settings(events.len())))
+            .await?;
         copy.apply(&mut tx, &events).await?;
         events_done += events.len() as u64;
         let report = Progress {

@@ -46,8 +46,21 @@ use crate::read_model::{ApplyError, ReadModel};
 /// The channel a committed projection batch notifies, with payload `name:position`.
 pub const PROGRESS_CHANNEL: &str = "hindsight_projections";
 
-/// What every read model's batch transaction sets for itself: a live worker's, and a
-/// rebuild's while it fills its copies.
+/// What a read model's batch transaction sets for itself, a live worker's and a rebuild's
+/// alike: [`SMALL_BATCH_SETTINGS`] for a batch of at most [`SMALL_BATCH`] events,
+/// [`LARGE_BATCH_SETTINGS`] for a larger one.
+pub fn batch_settings(events: usize) -> &'static str {
+    if events <= SMALL_BATCH {
+        SMALL_BATCH_SETTINGS
+    } else {
+        LARGE_BATCH_SETTINGS
+    }
+}
+
+/// The most events a batch may hold and still run on its session's generic plans.
+pub const SMALL_BATCH: usize = 64;
+
+/// What a batch of more than [`SMALL_BATCH`] events sets (a catch-up's, a rebuild's):
 ///
 /// - `synchronous_commit = off`: a read model is derived from the events, which are
 ///   durable before the relay publishes them, so its batches need not wait for their own
@@ -59,11 +72,25 @@ pub const PROGRESS_CHANNEL: &str = "hindsight_projections";
 ///   table looked like then, and keeps it until the table is analysed again. Made while a
 ///   table was small, such a plan joins a batch to the whole table by hash; without
 ///   autovacuum every later batch reads every row (Postgres's estimates follow a table's
-///   size even when it was never analysed, so a fresh plan does not). Planning costs
-///   from tens of microseconds a statement to half a millisecond for the audit trail's
-///   (BENCHMARKS.md); the statements stay prepared, so it costs no round trip.
-pub const BATCH_SETTINGS: &str =
+///   size even when it was never analysed, so a fresh plan does not).
+pub const LARGE_BATCH_SETTINGS: &str =
     "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan";
+
+/// What a batch of at most [`SMALL_BATCH`] events sets (a live worker's, as a rule):
+///
+/// - `synchronous_commit = off`, as for [`LARGE_BATCH_SETTINGS`].
+/// - `plan_cache_mode = force_generic_plan` with sequential scans, hash joins and merge
+///   joins off: each statement is planned once per session and that plan is reused. With
+///   only nested loops over the tables' keys to choose from, the generic plan is the one
+///   a custom plan picks for a handful of rows, whatever the table's size when it was
+///   made. Planning each batch for itself cost more than its execution for the small
+///   batches a worker commits at a steady rate: 0.66 ms a batch for the audit trail's
+///   statement against 0.97 ms of execution, at 1,000 commands a second (BENCHMARKS.md).
+///   A larger batch is planned for itself: a nested loop between two of its own row sets
+///   grows with the square of its size.
+pub const SMALL_BATCH_SETTINGS: &str = "SET LOCAL synchronous_commit = off; \
+     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -831,7 +858,7 @@ impl ProjectionWorker {
     ) -> Result<Vec<usize>, CommitError> {
         let result: Result<Vec<usize>, CommitError> = async {
             let names: Vec<&str> = due.iter().map(|&index| members[index].name()).collect();
-            let locked = open_locked(&mut *connection, &names).await?;
+            let locked = open_locked(&mut *connection, events.len(), &names).await?;
             let mut committed = Vec::with_capacity(locked.len());
             for (name, position) in &locked {
                 let Some(&index) = due.iter().find(|&&index| members[index].name() == name) else {
@@ -971,9 +998,9 @@ impl ProjectionWorker {
         to: i64,
     ) -> Result<(), CommitError> {
         let name = model.name();
-        // `BATCH_SETTINGS` travel with the `BEGIN`, in its round trip.
+        // The batch's settings travel with the `BEGIN`, in its round trip.
         let mut tx = connection
-            .begin_with(format!("BEGIN; {BATCH_SETTINGS}"))
+            .begin_with(format!("BEGIN; {}", batch_settings(events.len())))
             .await?;
         let (current,): (i64,) = sqlx::query_as(
             "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
@@ -1015,19 +1042,21 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Begins a transaction on `connection` and locks the checkpoint rows of `names` that no
-/// one else holds, in one round trip: `BEGIN`, [`BATCH_SETTINGS`] and the lock travel as
-/// one simple query, so the names are written into it as literals (read-model names are
-/// constants of this crate; [`literal_list`] refuses anything else). Answers the locked
-/// rows' names and positions.
+/// Begins a transaction for a batch of `events` events on `connection` and locks the
+/// checkpoint rows of `names` that no one else holds, in one round trip: `BEGIN`, the
+/// batch's settings ([`batch_settings`]) and the lock travel as one simple query, so the
+/// names are written into it as literals (read-model names are constants of this crate;
+/// [`literal_list`] refuses anything else). Answers the locked rows' names and positions.
 async fn open_locked(
     connection: &mut PgConnection,
+    events: usize,
     names: &[&str],
 ) -> Result<Vec<(String, i64)>, CommitError> {
     let statements = format!(
-        "BEGIN; {BATCH_SETTINGS}; \
+        "BEGIN; {}; \
          SELECT name, position FROM projection_checkpoints \
          WHERE name IN ({}) FOR UPDATE SKIP LOCKED",
+        batch_settings(events),
         literal_list(names)?
     );
     let rows = connection.fetch_all(sqlx::raw_sql(&statements)).await?;

@@ -430,6 +430,7 @@ async fn ledger_table(db: &TestDb) {
         "CREATE TABLE test_ledger (projection text, position bigint, \
              plan_cache_mode text NOT NULL DEFAULT current_setting('plan_cache_mode'), \
              synchronous_commit text NOT NULL DEFAULT current_setting('synchronous_commit'), \
+             enable_hashjoin text NOT NULL DEFAULT current_setting('enable_hashjoin'), \
              PRIMARY KEY (projection, position))",
     )
     .execute(&db.pool)
@@ -543,16 +544,18 @@ async fn a_projection_catches_up_from_the_store_then_follows_the_stream_exactly_
 }
 
 /// Every batch a worker applies, catching up from the store or following the stream, runs
-/// under `worker::BATCH_SETTINGS`: each ledger row keeps the settings of the transaction
-/// that wrote it.
+/// under `worker::batch_settings` for its size: each ledger row keeps the settings of the
+/// transaction that wrote it. The catch-up is one batch of more than `worker::SMALL_BATCH`
+/// events, planned for itself; the live batches are small and keep generic plans.
 #[tokio::test]
-async fn a_workers_batches_run_under_the_batch_settings_catching_up_and_live() {
+async fn a_workers_batches_run_under_the_settings_for_their_size_catching_up_and_live() {
     let (db, stream, relay_stop) = ledger_system().await;
     let product = create_product(&db, "SETTINGS-1").await;
     let mut last = 0;
-    for n in 1..=5 {
+    for n in 1..=worker::SMALL_BATCH as u32 + 6 {
         last = restock(&db, product, n).await;
     }
+    let caught_up = last;
     relay_reaches(&db, &stream, last).await;
     let worker_stop = spawn_worker(&db, &stream, ledger_model("ledger", true));
     projection_goes_live(&db, "ledger").await;
@@ -561,14 +564,28 @@ async fn a_workers_batches_run_under_the_batch_settings_catching_up_and_live() {
     }
     projection_reaches(&db, "ledger", last).await;
 
-    let settings: Vec<(String, String)> =
-        sqlx::query_as("SELECT DISTINCT plan_cache_mode, synchronous_commit FROM test_ledger")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let settings: Vec<(bool, String, String, String)> = sqlx::query_as(
+        "SELECT DISTINCT position > $1, plan_cache_mode, synchronous_commit, enable_hashjoin \
+         FROM test_ledger ORDER BY 1",
+    )
+    .bind(caught_up)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let row = |live: bool, plans: &str, hash_joins: &str| {
+        (
+            live,
+            plans.to_owned(),
+            "off".to_owned(),
+            hash_joins.to_owned(),
+        )
+    };
     assert_eq!(
         settings,
-        [("force_custom_plan".to_owned(), "off".to_owned())]
+        [
+            row(false, "force_custom_plan", "on"),
+            row(true, "force_generic_plan", "off")
+        ]
     );
     assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
     worker_stop.cancel();

@@ -1604,15 +1604,22 @@ async fn rows_scanned(connection: &mut sqlx::PgConnection, table: &str) -> i64 {
         .unwrap()
 }
 
-/// Begins a batch's transaction on `session` as the projection workers and rebuilds do,
-/// with [`worker::BATCH_SETTINGS`].
-async fn begin_batch(session: &mut sqlx::PgConnection) -> sqlx::Transaction<'_, sqlx::Postgres> {
+/// Begins the transaction of a batch of `events` events on `session` as the projection
+/// workers and rebuilds do, with [`worker::batch_settings`].
+async fn begin_batch(
+    session: &mut sqlx::PgConnection,
+    events: usize,
+) -> sqlx::Transaction<'_, sqlx::Postgres> {
     let mut tx = sqlx::Connection::begin(session).await.unwrap();
-    sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(worker::BATCH_SETTINGS))
+    sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(worker::batch_settings(events)))
         .await
         .unwrap();
     tx
 }
+
+/// The batch sizes whose settings the growth tests apply under: a small batch's (one
+/// generic plan per session, made while the table was small) and a large one's.
+const BATCH_SIZES: [usize; 2] = [1, worker::SMALL_BATCH + 1];
 
 /// Applies each of `events` to `models` in a batch of its own on `session`.
 async fn apply_one_by_one(
@@ -1621,7 +1628,7 @@ async fn apply_one_by_one(
     events: &[StoredEvent],
 ) {
     for event in events {
-        let mut tx = begin_batch(&mut *session).await;
+        let mut tx = begin_batch(&mut *session, 1).await;
         for model in models {
             model
                 .apply(&mut tx, std::slice::from_ref(event))
@@ -1675,16 +1682,20 @@ async fn an_orders_batch_reads_its_own_rows_however_the_table_grew_under_its_ses
     let (placed, rest): (Vec<_>, Vec<_>) = late
         .into_iter()
         .partition(|event| event.event_type == "OrderPlaced");
-    let mut tx = begin_batch(&mut session).await;
-    model.apply(&mut tx, &placed).await.unwrap();
-    let before = rows_scanned(&mut tx, "order_views").await;
-    model.apply(&mut tx, &rest).await.unwrap();
-    let scanned = rows_scanned(&mut tx, "order_views").await - before;
-    tx.commit().await.unwrap();
-    assert_eq!(
-        scanned, 0,
-        "the confirmation read its order by id, not the table"
-    );
+    for size in BATCH_SIZES {
+        let mut tx = begin_batch(&mut session, size).await;
+        model.apply(&mut tx, &placed).await.unwrap();
+        let before = rows_scanned(&mut tx, "order_views").await;
+        model.apply(&mut tx, &rest).await.unwrap();
+        let scanned = rows_scanned(&mut tx, "order_views").await - before;
+        assert_eq!(
+            scanned, 0,
+            "under the settings of a batch of {size}: the confirmation read the table, not its order by id"
+        );
+        if size == worker::SMALL_BATCH + 1 {
+            tx.commit().await.unwrap();
+        }
+    }
     let view = orders::get(&shop.db.pool, last).await.unwrap().unwrap();
     assert_eq!(view.status, OrderStatus::Confirmed);
 }
@@ -1731,22 +1742,26 @@ async fn a_restock_batch_reads_its_own_rows_however_the_catalogue_grew_under_its
     shop.product(shop.as_admin(), tea.id, restock()).await;
     let late: Vec<StoredEvent> = shop.events().await.into_iter().skip(early.len()).collect();
     assert_eq!(late.len(), 1);
-    let mut tx = begin_batch(&mut session).await;
-    for (model, table) in models
-        .iter()
-        .zip(["product_views", "audit_trail_product_stock"])
-    {
-        let before = rows_scanned(&mut tx, table).await;
-        model.apply(&mut tx, &late).await.unwrap();
-        let scanned = rows_scanned(&mut tx, table).await - before;
-        assert_eq!(
-            scanned,
-            0,
-            "{}: the restock read {table} whole",
-            model.name()
-        );
+    for size in BATCH_SIZES {
+        let mut tx = begin_batch(&mut session, size).await;
+        for (model, table) in models
+            .iter()
+            .zip(["product_views", "audit_trail_product_stock"])
+        {
+            let before = rows_scanned(&mut tx, table).await;
+            model.apply(&mut tx, &late).await.unwrap();
+            let scanned = rows_scanned(&mut tx, table).await - before;
+            assert_eq!(
+                scanned,
+                0,
+                "{}, under the settings of a batch of {size}: the restock read {table} whole",
+                model.name()
+            );
+        }
+        if size == worker::SMALL_BATCH + 1 {
+            tx.commit().await.unwrap();
+        }
     }
-    tx.commit().await.unwrap();
     let view = products::get(&shop.db.pool, tea.id).await.unwrap().unwrap();
     assert_eq!(view.stock_available, 113);
 }
