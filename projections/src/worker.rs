@@ -488,6 +488,7 @@ impl ProjectionWorker {
         let Some(mut at) = members.iter().map(|member| member.applied).max() else {
             return Ok(());
         };
+        prepare_checkpoint_statements(leader).await?;
         let consumer = self.consumer().await?;
         let mut messages = consumer
             .stream()
@@ -1042,22 +1043,41 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Prepares, on a leader's session, the two statements every live batch runs around its
+/// read models' own: [`open_locked`]'s lock and [`close_advanced`]'s move. They travel in
+/// simple queries (with the `BEGIN` and with the `COMMIT`), which Postgres plans at every
+/// run; executed by name, they keep one plan per session like any prepared statement.
+/// The session is the worker's own and closed after its run, so the names are free.
+async fn prepare_checkpoint_statements(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    connection
+        .execute(sqlx::raw_sql(&format!(
+            "PREPARE hindsight_lock_checkpoints (text[]) AS \
+                 SELECT name, position FROM projection_checkpoints \
+                 WHERE name = ANY ($1) FOR UPDATE SKIP LOCKED; \
+             PREPARE hindsight_advance_checkpoints (text[], bigint) AS \
+                 UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+                 WHERE name = ANY ($1) \
+                 RETURNING pg_notify('{PROGRESS_CHANNEL}', name || ':' || position)"
+        )))
+        .await?;
+    Ok(())
+}
+
 /// Begins a transaction for a batch of `events` events on `connection` and locks the
 /// checkpoint rows of `names` that no one else holds, in one round trip: `BEGIN`, the
 /// batch's settings ([`batch_settings`]) and the lock travel as one simple query, so the
-/// names are written into it as literals (read-model names are constants of this crate;
-/// [`literal_list`] refuses anything else). Answers the locked rows' names and positions.
+/// names are written into it as a literal (read-model names are constants of this crate;
+/// [`literal_list`] refuses anything else). Answers the locked rows' names and
+/// positions. `connection` is a leader's session, with [`prepare_checkpoint_statements`].
 async fn open_locked(
     connection: &mut PgConnection,
     events: usize,
     names: &[&str],
 ) -> Result<Vec<(String, i64)>, CommitError> {
     let statements = format!(
-        "BEGIN; {}; \
-         SELECT name, position FROM projection_checkpoints \
-         WHERE name IN ({}) FOR UPDATE SKIP LOCKED",
+        "BEGIN; {}; EXECUTE hindsight_lock_checkpoints ({})",
         batch_settings(events),
-        literal_list(names)?
+        names_array(names)?
     );
     let rows = connection.fetch_all(sqlx::raw_sql(&statements)).await?;
     rows.iter()
@@ -1073,13 +1093,16 @@ async fn close_advanced(
     to: i64,
 ) -> Result<(), CommitError> {
     let statements = format!(
-        "UPDATE projection_checkpoints SET position = {to}, updated_at = now() \
-         WHERE name IN ({}) RETURNING pg_notify('{PROGRESS_CHANNEL}', name || ':' || position); \
-         COMMIT",
-        literal_list(names)?
+        "EXECUTE hindsight_advance_checkpoints ({}, {to}); COMMIT",
+        names_array(names)?
     );
     connection.execute(sqlx::raw_sql(&statements)).await?;
     Ok(())
+}
+
+/// `names` as a SQL `text[]` (see [`literal_list`]).
+fn names_array(names: &[&str]) -> Result<String, CommitError> {
+    Ok(format!("ARRAY[{}]::text[]", literal_list(names)?))
 }
 
 /// `names` as a list of SQL string literals. Only names of lowercase letters, digits and
@@ -1160,6 +1183,10 @@ mod tests {
         assert_eq!(
             list.ok().as_deref(),
             Some("'products', 'audit_trail', 'v2_orders'")
+        );
+        assert_eq!(
+            names_array(&["products", "sales"]).ok().as_deref(),
+            Some("ARRAY['products', 'sales']::text[]")
         );
         for refused in ["", "it's", "Products", "a b", "x;DROP", "back\\slash"] {
             assert!(
