@@ -563,7 +563,8 @@ async fn fill(
         // A copy is worth nothing until it is swapped in, by a transaction that commits
         // durably after every batch: no batch needs to wait for its own flush. A copy
         // grows from nothing to the whole history, on pooled sessions that keep their
-        // prepared statements: each batch's statements are planned for the copy as it is.
+        // prepared statements: each full batch (more than `worker::SMALL_BATCH` events) is
+        // planned for the copy as it is; a short last one runs on joins by key only.
         tx.execute(sqlx::raw_sql(batch_settings(events.len())))
             .await?;
         copy.apply(&mut tx, &events).await?;
