@@ -101,13 +101,17 @@ impl Row {
     }
 }
 
+/// The commands scenarios 1 and 2 send: the key they are measured under, and their name
+/// in the report.
+const WRITES: [(&str, &str); 2] = [("restock", "restock"), ("order", "place order")];
+
 /// The summary's lines, scenario by scenario.
 pub fn rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for clients in [8, 32] {
         let raw = format!("raw inserts, {clients} clients");
         let raw_key = format!("s1.raw_insert.{clients}.rate");
-        for (kind, label) in [("restock", "restock"), ("order", "place order")] {
+        for (kind, label) in WRITES {
             let key = format!("s1.{kind}.{clients}");
             rows.push(
                 Row::new(
@@ -154,7 +158,7 @@ pub fn rows() -> Vec<Row> {
                 format!("s1.raw_insert.{clients}.rate"),
             ),
         );
-        for (kind, label) in [("restock", "restock"), ("order", "place order")] {
+        for (kind, label) in WRITES {
             rows.push(
                 Row::new(
                     "1 writes",
@@ -180,7 +184,7 @@ pub fn rows() -> Vec<Row> {
             ),
         );
     }
-    for (kind, label) in [("restock", "restock"), ("order", "place order")] {
+    for (kind, label) in WRITES {
         rows.push(
             Row::new(
                 "1 writes",
@@ -195,7 +199,7 @@ pub fn rows() -> Vec<Row> {
             ),
         );
     }
-    for (command, label) in [("restock", "restock"), ("order", "place order")] {
+    for (command, label) in WRITES {
         rows.push(
             Row::new(
                 "2 history",

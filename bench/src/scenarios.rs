@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use futures::future::try_join_all;
+use futures::future::{try_join_all, BoxFuture};
+use futures::FutureExt as _;
 use hindsight_projections::rebuild::rebuildable;
 use hindsight_projections::worker::PROGRESS_CHANNEL;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -351,27 +352,22 @@ async fn writes_beside(
         pool.close().await;
     }
     for clients in [8usize, 32] {
-        let key = format!("s1.raw_insert.{clients}");
-        let raw = metered(
-            settings,
-            fixture.server_pid,
-            figures,
-            &key,
-            baseline::raw_inserts(&database.url, clients, settings.warmup, settings.duration),
-        )
-        .await?;
-        put_sample(figures, &key, &raw);
-
-        let key = format!("s1.store_append.{clients}");
-        let store = metered(
-            settings,
-            fixture.server_pid,
-            figures,
-            &key,
-            baseline::store_appends(&appends.url, clients, settings.warmup, settings.duration),
-        )
-        .await?;
-        put_sample(figures, &key, &store);
+        let (warmup, duration) = (settings.warmup, settings.duration);
+        let baselines: [(&str, BoxFuture<'_, Result<Sample>>); 2] = [
+            (
+                "raw_insert",
+                baseline::raw_inserts(&database.url, clients, warmup, duration).boxed(),
+            ),
+            (
+                "store_append",
+                baseline::store_appends(&appends.url, clients, warmup, duration).boxed(),
+            ),
+        ];
+        for (name, phase) in baselines {
+            let key = format!("s1.{name}.{clients}");
+            let sample = metered(settings, fixture.server_pid, figures, &key, phase).await?;
+            put_sample(figures, &key, &sample);
+        }
 
         let (api, admin, products) = (
             fixture.api.clone(),
