@@ -15,7 +15,6 @@ use hindsight_api::state::{AppState, HttpSettings, Services};
 use hindsight_commands::{db, CommandBus, StoreSettings};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
-use std::str::FromStr;
 
 /// Where the tests find a Postgres server on which they may create databases.
 pub fn admin_database_url() -> String {
@@ -64,7 +63,8 @@ impl TestDb {
             .await
             .expect("create test database");
         admin.close().await.ok();
-        let options = PgConnectOptions::from_str(&admin_database_url())
+        // Read as the server reads DATABASE_URL.
+        let options = db::connect_options(&admin_database_url())
             .expect("HINDSIGHT_TEST_DATABASE_URL is a postgres URL")
             .database(&name);
         let pool = db::pool(options.clone(), 20);

@@ -443,7 +443,8 @@ impl std::fmt::Debug for JwtSecret {
 }
 
 fn parse_database_url(value: &str) -> Result<DatabaseUrl, String> {
-    let options = PgConnectOptions::from_str(value)
+    // Without TLS to a server on this host unless the URL or PGSSLMODE names a mode.
+    let options = hindsight_commands::db::connect_options(value)
         .map_err(|_| "DATABASE_URL is not a valid postgres:// URL".to_owned())?;
     Ok(DatabaseUrl {
         secret: SecretString::from(value.to_owned()),
@@ -551,6 +552,32 @@ mod tests {
         assert_eq!(args.access_token_ttl, Duration::from_secs(15 * 60));
         assert_eq!(args.body_limit, 65536);
         assert!(args.rate_limits && args.run_api && args.run_relay && args.run_projections);
+    }
+
+    #[test]
+    fn a_database_on_this_host_is_reached_without_tls_unless_the_url_names_a_mode() {
+        let mode = |url: &str| {
+            let args = serve(&["--database-url", url, "--jwt-secret", SECRET]).unwrap();
+            format!(
+                "{:?}",
+                args.database.database_url.connect_options().get_ssl_mode()
+            )
+        };
+        // PGSSLMODE, when set, names the mode as the URL would.
+        let local = match std::env::var("PGSSLMODE") {
+            Ok(named) => format!("{:?}", named.parse::<sqlx::postgres::PgSslMode>().unwrap()),
+            Err(_) => "Disable".to_owned(),
+        };
+        assert_eq!(mode("postgres://u:pw@localhost/db"), local);
+        assert_eq!(mode("postgres://u:pw@127.0.0.1:5432/db"), local);
+        assert_eq!(
+            mode("postgres://u:pw@127.0.0.1/db?sslmode=require"),
+            "Require"
+        );
+        assert_eq!(
+            mode("postgres://u:pw@db.example/db?sslmode=verify-full"),
+            "VerifyFull"
+        );
     }
 
     #[test]

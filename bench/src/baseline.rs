@@ -2,7 +2,6 @@
 //! on this machine, through the same driver, at the same concurrency.
 
 use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -25,13 +24,20 @@ const RAW_EVENTS: &str = "CREATE TABLE IF NOT EXISTS bench_raw_events (
     metadata jsonb NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id, sequence))";
 
+/// The options of every connection the harness opens, baselines and observers alike: read
+/// from the URL as the server reads its own (no TLS to a server on this host unless the URL
+/// names a mode), so a baseline pays for TLS exactly when the server does.
+pub(crate) fn options(url: &str) -> Result<PgConnectOptions> {
+    Ok(hindsight_commands::db::connect_options(url)?)
+}
+
 async fn pool(url: &str, connections: usize) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(connections as u32)
         .min_connections(connections as u32)
         // No round trip of sqlx's own before each batch of the scan.
         .test_before_acquire(false)
-        .connect(url)
+        .connect_with(options(url)?)
         .await?)
 }
 
@@ -41,7 +47,7 @@ async fn pool(url: &str, connections: usize) -> Result<PgPool> {
 /// back, so the clients borrow from the pool the server's statements use, which does
 /// neither. Every connection is opened before the clock starts.
 async fn connections(url: &str, connections: usize) -> Result<StatementPool> {
-    let pool = StatementPool::new(PgConnectOptions::from_str(url)?, connections as u32);
+    let pool = StatementPool::new(options(url)?, connections as u32);
     let mut opened = Vec::with_capacity(connections);
     for _ in 0..connections {
         opened.push(pool.acquire().await?);

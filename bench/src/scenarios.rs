@@ -276,7 +276,7 @@ async fn setup(database: &Database, server: &Server) -> Result<Fixture> {
     .await?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect(&database.url)
+        .connect_with(baseline::options(&database.url)?)
         .await?;
     Ok(Fixture {
         api,
@@ -344,7 +344,7 @@ async fn writes_beside(
     {
         let pool = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&appends.url)
+            .connect_with(baseline::options(&appends.url)?)
             .await?;
         hindsight_commands::db::migrate(&pool)
             .await
@@ -447,7 +447,10 @@ async fn lag(
     let rate = (max / 2.0).clamp(10.0, 1_000.0);
     put(figures, "s3.rate", rate);
 
-    let mut listener = PgListener::connect(&database.url).await?;
+    let listening = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(baseline::options(&database.url)?);
+    let mut listener = PgListener::connect_with(&listening).await?;
     listener
         .listen(PROGRESS_CHANNEL)
         .await
@@ -921,7 +924,7 @@ async fn rebuild_on(
     config.cli(env, &["migrate"], None).await?;
     let pool = PgPoolOptions::new()
         .max_connections(2)
-        .connect(&database.url)
+        .connect_with(baseline::options(&database.url)?)
         .await?;
     let started = Instant::now();
     let mut last_report = Instant::now();

@@ -1,9 +1,11 @@
 //! Connecting to Postgres and applying Hindsight's migrations.
 
+use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection, PgConnection, PgPool};
 
 /// Every migration in `migrations/`, embedded at build time.
@@ -36,6 +38,59 @@ pub fn pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
             })
         })
         .connect_lazy_with(options)
+}
+
+/// The connection options of a `postgres://` URL, as Postgres's own clients read it, with
+/// one default of Hindsight's: a server on this host (a loopback address, `localhost` or a
+/// Unix socket) is reached without TLS unless the URL (`sslmode`) or the environment
+/// (`PGSSLMODE`) names a mode.
+///
+/// Postgres clients default to `sslmode=prefer`: TLS whenever the server offers it, without
+/// checking the server's certificate. Over loopback that protects nothing (no one but the
+/// host's administrator sees that traffic, and they see the server's memory too), and it
+/// costs every round trip encryption on both sides: on two cores, raw point reads ran
+/// about 35 % faster without it and the server spent about a tenth less CPU per
+/// `GET /products/{id}` (see BENCHMARKS.md). A remote server keeps the URL's mode; name
+/// `sslmode=verify-full` there to have its certificate checked. A local server that
+/// accepts only TLS connections (`hostssl` lines alone in `pg_hba.conf`) refuses the plain
+/// connection, and its URL must say `sslmode=require`.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let named = names_ssl_mode(url) || std::env::var_os("PGSSLMODE").is_some();
+    Ok(local_without_tls(PgConnectOptions::from_str(url)?, named))
+}
+
+/// `options` without TLS if they reach a server on this host and no mode was `named`.
+fn local_without_tls(options: PgConnectOptions, named: bool) -> PgConnectOptions {
+    if named || !is_local(&options) {
+        options
+    } else {
+        options.ssl_mode(PgSslMode::Disable)
+    }
+}
+
+/// Whether the URL's query names an `sslmode` (sqlx also reads `ssl-mode`).
+fn names_ssl_mode(url: &str) -> bool {
+    let Some((_, query)) = url.split_once('?') else {
+        return false;
+    };
+    let query = query.split_once('#').map_or(query, |(query, _)| query);
+    query.split('&').any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+        key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode")
+    })
+}
+
+/// Whether the options reach a server on this host.
+fn is_local(options: &PgConnectOptions) -> bool {
+    let host = options.get_host();
+    options.get_socket().is_some()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|address| address.is_loopback())
 }
 
 /// What `migrate` did.
@@ -146,4 +201,79 @@ pub async fn begin(
     tokio::spawn(async move { pool.begin().await })
         .await
         .unwrap_or(Err(sqlx::Error::WorkerCrashed))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn options(url: &str) -> PgConnectOptions {
+        PgConnectOptions::from_str(url).unwrap()
+    }
+
+    #[test]
+    fn an_ssl_mode_is_named_only_by_a_query_key() {
+        assert!(names_ssl_mode("postgres://h/db?sslmode=require"));
+        assert!(names_ssl_mode(
+            "postgres://h/db?application_name=x&ssl-mode=disable"
+        ));
+        assert!(names_ssl_mode("postgres://h/db?SSLMODE=prefer"));
+        assert!(!names_ssl_mode("postgres://h/db"));
+        assert!(!names_ssl_mode("postgres://sslmode@h/sslmode"));
+        assert!(!names_ssl_mode("postgres://h/db?application_name=sslmode"));
+        assert!(!names_ssl_mode(
+            "postgres://h/db?application_name=x#sslmode=require"
+        ));
+    }
+
+    #[test]
+    fn loopback_addresses_localhost_and_sockets_are_local() {
+        for url in [
+            "postgres://u@127.0.0.1:5432/db",
+            "postgres://u@127.0.0.53/db",
+            "postgres://u@localhost/db",
+            "postgres://u@LOCALHOST/db",
+            "postgres://u@[::1]:5432/db",
+            "postgres://u@db.example/db?host=/var/run/postgresql",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/db",
+        ] {
+            assert!(is_local(&options(url)), "{url}");
+        }
+        for url in [
+            "postgres://u@db.example/db",
+            "postgres://u@10.0.0.5/db",
+            "postgres://u@[2001:db8::1]/db",
+            "postgres://u@localhost.example/db",
+        ] {
+            assert!(!is_local(&options(url)), "{url}");
+        }
+    }
+
+    #[test]
+    fn only_a_local_server_with_no_mode_named_is_reached_without_tls() {
+        // `PgSslMode` has no `PartialEq`; its names are compared.
+        let mode = |url: &str, named: bool| {
+            format!(
+                "{:?}",
+                local_without_tls(options(url), named).get_ssl_mode()
+            )
+        };
+        // What sqlx reads when the URL names no mode (`PGSSLMODE`, else `prefer`).
+        let unnamed = format!("{:?}", options("postgres://u@db.example/db").get_ssl_mode());
+        assert_eq!(mode("postgres://u@127.0.0.1/db", false), "Disable");
+        assert_eq!(mode("postgres://u@localhost/db", false), "Disable");
+        assert_eq!(mode("postgres://u@[::1]/db", false), "Disable");
+        assert_eq!(mode("postgres://u@db.example/db", false), unnamed);
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require", true),
+            "Require"
+        );
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/db?sslmode=prefer", true),
+            "Prefer"
+        );
+        // A mode named by the environment (the URL names none) is kept as sqlx read it.
+        assert_eq!(mode("postgres://u@127.0.0.1/db", true), unnamed);
+    }
 }

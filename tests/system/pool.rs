@@ -1,15 +1,18 @@
 //! The connection pool checks a connection with a round trip only when it has been idle
 //! for a while, and that check must still replace connections the database cut meanwhile.
 //! The statement pool hands a connection back without a check when its statement ran to
-//! its end, and closes one whose statement may be half-way.
+//! its end, and closes one whose statement may be half-way. A database on this host is
+//! reached without TLS unless the URL names a mode.
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use hindsight_commands::db::CHECK_AFTER_IDLE;
+use hindsight_commands::db::{self, CHECK_AFTER_IDLE};
 use hindsight_commands::statements::{Lent, StatementPool};
 use hindsight_tests::TestDb;
 use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, Postgres};
 
 const CONNECTIONS: usize = 4;
 
@@ -193,4 +196,68 @@ async fn a_statement_pool_lends_at_most_its_size_and_replaces_connections_cut_wh
         matches!(statements.acquire().await, Err(sqlx::Error::PoolClosed)),
         "a closed pool lends nothing"
     );
+}
+
+// TLS to the database.
+
+const SESSION_USES_TLS: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+
+async fn uses_tls(options: PgConnectOptions) -> bool {
+    let mut connection = PgConnection::connect_with(&options)
+        .await
+        .expect("a connection opens");
+    let tls = sqlx::query_scalar(SESSION_USES_TLS)
+        .fetch_one(&mut connection)
+        .await
+        .expect("pg_stat_ssl answers");
+    connection.close().await.ok();
+    tls
+}
+
+#[tokio::test]
+async fn a_database_on_this_host_is_reached_without_tls_unless_the_url_names_a_mode() {
+    let db = TestDb::new().await;
+    let url = db.url();
+    let offers_tls: bool = sqlx::query_scalar("SELECT current_setting('ssl') = 'on'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("the server says whether it offers TLS");
+    let host = db.connect_options().get_host().to_owned();
+    let local = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_loopback());
+    // `db.url()` leaves out the parameters of HINDSIGHT_TEST_DATABASE_URL; the pool keeps them.
+    let unnamed = local
+        && std::env::var_os("PGSSLMODE").is_none()
+        && !hindsight_tests::admin_database_url().contains("sslmode");
+
+    // A mode the URL names is kept: `prefer` takes TLS wherever the server offers it.
+    let named = db::connect_options(&format!("{url}?sslmode=prefer")).expect("a postgres URL");
+    assert_eq!(
+        uses_tls(named).await,
+        offers_tls,
+        "sslmode=prefer on {host}"
+    );
+
+    // The URL alone: no TLS on this host (where `prefer` would have taken it); elsewhere,
+    // or with PGSSLMODE set, as sqlx itself reads the URL. The test database's pool is
+    // opened the same way, as the server's is.
+    let alone = uses_tls(db::connect_options(&url).expect("a postgres URL")).await;
+    let pooled: bool = sqlx::query_scalar(SESSION_USES_TLS)
+        .fetch_one(&db.pool)
+        .await
+        .expect("pg_stat_ssl answers");
+    if unnamed {
+        assert!(!alone && !pooled, "TLS to {host}, which is this host");
+    } else {
+        let as_sqlx_reads_it = PgConnectOptions::from_str(&url).expect("a postgres URL");
+        assert_eq!(
+            alone,
+            uses_tls(as_sqlx_reads_it).await,
+            "the URL's mode to {host}"
+        );
+    }
 }
