@@ -176,13 +176,29 @@ pub async fn try_session_locks(
                 .fetch_one(&mut connection)
                 .await?;
         if !acquired {
-            // Ending the session releases whatever this loop took before.
-            connection.close().await.ok();
+            // Releases whatever this loop took before.
+            end_session(connection).await;
             return Ok(None);
         }
     }
     Ok(Some(connection))
 }
+
+/// Ends a session taken by [`try_session_lock`] or [`try_session_locks`], its advisory
+/// locks released before this returns. Closing the connection alone releases them only once
+/// the server has noticed the session's end, a moment after `close` returns: whoever takes
+/// the same lock at once (a rebuild started again right after another was refused or ended)
+/// could find it still held. A session that broke has released its locks, or will once the
+/// server notices; the release is given at most [`UNLOCK_WAIT`].
+pub async fn end_session(mut connection: PgConnection) {
+    let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut connection);
+    // Either way the connection is closed next, which releases what is left.
+    let _released = tokio::time::timeout(UNLOCK_WAIT, unlock).await;
+    connection.close().await.ok();
+}
+
+/// How long [`end_session`] waits for the release of a session's locks.
+pub const UNLOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Starts a transaction on a pooled connection, in a way a cancelled caller cannot break.
 ///

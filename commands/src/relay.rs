@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use sqlx::postgres::{PgListener, PgNotification};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{EventDecodeError, StoredEvent, EVENT_COLUMNS};
@@ -236,7 +236,7 @@ impl Relay {
         };
         tracing::info!(stream = %self.settings.stream, "relay is active");
         let result = self.relay(&mut leader, shutdown).await;
-        leader.close().await.ok();
+        crate::db::end_session(leader).await;
         result.map(|()| true)
     }
 

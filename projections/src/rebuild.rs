@@ -200,7 +200,7 @@ pub async fn start_many<S: AsRef<str>>(
             Ok(Some(guard)) => guard,
             Ok(None) | Err(_) => {
                 for target in targets {
-                    target.guard.close().await.ok();
+                    hindsight_commands::db::end_session(target.guard).await;
                 }
                 return Err(match lock {
                     Err(error) => error.into(),
@@ -265,7 +265,7 @@ impl Rebuild {
             if let (Err(error), Ok(_)) = (recorded, &outcome) {
                 outcome = Err(error.into());
             }
-            target.guard.close().await.ok();
+            hindsight_commands::db::end_session(target.guard).await;
             answered.push((target.name, outcome));
         }
         answered

@@ -423,7 +423,7 @@ impl ProjectionWorker {
             return Ok(false);
         };
         let result = self.project(&mut leader, running, shutdown).await;
-        leader.close().await.ok();
+        hindsight_commands::db::end_session(leader).await;
         result.map(|()| true)
     }
 
