@@ -248,7 +248,8 @@ async fn machine(env: &Environment) -> Result<Vec<(String, String)>> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     facts.push(("Kernel".to_owned(), format!("Linux {}", kernel.trim())));
 
-    let mut postgres = PgConnection::connect(&env.postgres_url)
+    // Opened as the baselines' and the server's connections are (see `baseline::options`).
+    let mut postgres = PgConnection::connect_with(&baseline::options(&env.postgres_url)?)
         .await
         .context("connecting to Postgres (is it running? scripts/services.sh up starts it)")?;
     let mut settings = Vec::new();
@@ -259,6 +260,7 @@ async fn machine(env: &Environment) -> Result<Vec<(String, String)>> {
         "shared_buffers",
         "max_connections",
         "autovacuum",
+        "ssl",
     ] {
         let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
             .fetch_one(&mut postgres)
@@ -266,6 +268,13 @@ async fn machine(env: &Environment) -> Result<Vec<(String, String)>> {
         settings.push(format!("{name}={value}"));
     }
     facts.push(("PostgreSQL".to_owned(), settings.join(", ")));
+    let tls: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&mut postgres)
+        .await?;
+    facts.push((
+        "Postgres connections".to_owned(),
+        if tls { "TLS" } else { "without TLS" }.to_owned(),
+    ));
     let nats = async_nats::connect(&env.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {} (is it running?)", env.nats_url))?;
