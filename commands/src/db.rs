@@ -81,8 +81,9 @@ fn names_ssl_mode(url: &str) -> bool {
     })
 }
 
-/// Whether the options reach a server on this host.
-fn is_local(options: &PgConnectOptions) -> bool {
+/// Whether the options reach a server on this host: a loopback address, `localhost` or a
+/// Unix socket.
+pub fn is_local(options: &PgConnectOptions) -> bool {
     let host = options.get_host();
     options.get_socket().is_some()
         || host.starts_with('/')
@@ -190,7 +191,7 @@ pub async fn try_session_locks(
 /// the server has noticed the session's end, a moment after `close` returns: whoever takes
 /// the same lock at once (a rebuild started again right after another was refused or ended)
 /// could find it still held. A session that broke has released its locks, or will once the
-/// server notices; the release is given at most [`UNLOCK_WAIT`].
+/// server notices; the release is given at most two seconds.
 pub async fn end_session(mut connection: PgConnection) {
     let unlock = sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut connection);
     // Either way the connection is closed next, which releases what is left.
@@ -199,7 +200,7 @@ pub async fn end_session(mut connection: PgConnection) {
 }
 
 /// How long [`end_session`] waits for the release of a session's locks.
-pub const UNLOCK_WAIT: Duration = Duration::from_secs(2);
+const UNLOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Starts a transaction on a pooled connection, in a way a cancelled caller cannot break.
 ///

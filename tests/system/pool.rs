@@ -223,12 +223,7 @@ async fn a_database_on_this_host_is_reached_without_tls_unless_the_url_names_a_m
         .await
         .expect("the server says whether it offers TLS");
     let host = db.connect_options().get_host().to_owned();
-    let local = host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|address| address.is_loopback());
+    let local = db::is_local(&db.connect_options());
     // `db.url()` leaves out the parameters of HINDSIGHT_TEST_DATABASE_URL; the pool keeps them.
     let unnamed = local
         && std::env::var_os("PGSSLMODE").is_none()
