@@ -222,8 +222,9 @@ async fn a_database_on_this_host_is_reached_without_tls_unless_the_url_names_a_m
         .fetch_one(&db.pool)
         .await
         .expect("the server says whether it offers TLS");
-    let host = db.connect_options().get_host().to_owned();
-    let local = db::is_local(&db.connect_options());
+    let options = db.connect_options();
+    let host = options.get_host().to_owned();
+    let local = db::is_local(&options);
     // `db.url()` leaves out the parameters of HINDSIGHT_TEST_DATABASE_URL; the pool keeps them.
     let unnamed = local
         && std::env::var_os("PGSSLMODE").is_none()
