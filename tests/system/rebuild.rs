@@ -213,7 +213,9 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
     let products = catalogue(&system, 6, 10).await;
 
     // Damage the live models the way a bug in an old version could have: a product's
-    // stock off by seven, and a line of the audit trail lost.
+    // stock off by seven, a line of the audit trail lost, and another given an actor where
+    // the event had none (a value against a null must count as a difference, while the
+    // other lines' nulls, the system's commands having no actor, must not).
     let damaged = products[0].as_uuid();
     sqlx::query("UPDATE product_views SET stock_available = stock_available + 7 WHERE id = $1")
         .bind(damaged)
@@ -224,6 +226,14 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
         .execute(&system.db.pool)
         .await
         .unwrap();
+    let misattributed = sqlx::query(
+        "UPDATE audit_trail SET actor_id = gen_random_uuid() \
+         WHERE position = (SELECT max(position) FROM audit_trail) AND actor_id IS NULL",
+    )
+    .execute(&system.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(misattributed.rows_affected(), 1);
 
     let indexes_before = index_definitions(&system).await;
     let mut tables = read_model_tables();
@@ -266,8 +276,8 @@ async fn all_projections_rebuild_from_one_replay_and_report_what_the_live_ones_g
             }],
             "audit_trail" => vec![rebuild::Difference {
                 table: "audit_trail".into(),
-                only_live: 0,
-                only_rebuilt: 1,
+                only_live: 1,
+                only_rebuilt: 2,
             }],
             _ => vec![],
         };
