@@ -658,8 +658,9 @@ pub async fn list<'e>(
             .push_bind(aggregate_type.clone());
     }
     if let Some(aggregate_id) = filter.aggregate_id {
+        // In the collation of `audit_trail_entity_idx` (migration 0016), so it serves this.
         query
-            .push(" AND aggregate_id = ")
+            .push(" AND aggregate_id COLLATE \"C\" = ")
             .push_bind(aggregate_id.to_string());
     }
     if let Some(from) = filter.from {
