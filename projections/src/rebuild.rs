@@ -828,13 +828,13 @@ async fn compare(
     live: &str,
     copy: &str,
 ) -> Result<(i64, i64), sqlx::Error> {
-    // Every column of the live table, its primary key's first and flagged.
+    // Every column of the live table, and whether its primary key holds it.
     let columns: Vec<(String, bool)> = sqlx::query_as(
         "SELECT quote_ident(a.attname), coalesce(a.attnum = ANY (i.indkey), false) \
          FROM pg_attribute a \
          LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
          WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-         ORDER BY coalesce(a.attnum = ANY (i.indkey), false) DESC, a.attnum",
+         ORDER BY a.attnum",
     )
     .bind(live)
     .fetch_all(&mut *connection)
