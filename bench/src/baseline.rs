@@ -27,9 +27,15 @@ const RAW_EVENTS: &str = "CREATE TABLE IF NOT EXISTS bench_raw_events (
 /// The options of every connection the harness opens, baselines and observers alike: read
 /// from the URL as the server reads its own (no TLS to a server on this host unless the URL
 /// names a mode), so a baseline pays for TLS exactly when the server does.
+///
+/// They carry an application name of the harness's own, so that the server's sessions can
+/// be told from them (see [`server::postgres_sessions`](crate::server::postgres_sessions)).
 pub(crate) fn options(url: &str) -> Result<PgConnectOptions> {
-    Ok(hindsight_commands::db::connect_options(url)?)
+    Ok(hindsight_commands::db::connect_options(url)?.application_name(SESSION_NAME))
 }
+
+/// The application name of the harness's own Postgres sessions.
+pub(crate) const SESSION_NAME: &str = "hindsight-bench";
 
 async fn pool(url: &str, connections: usize) -> Result<PgPool> {
     Ok(PgPoolOptions::new()

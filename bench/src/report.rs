@@ -519,6 +519,7 @@ pub fn section(
     } else {
         let _ = writeln!(out, "\nTargets missed: {}.", missed.join("; "));
     }
+    out.push_str(&postgres_table(runs));
     let _ = writeln!(
         out,
         "\n<details><summary>Every figure of every run</summary>\n"
@@ -537,6 +538,75 @@ pub fn section(
         let _ = writeln!(out, "| {key} | {} |", cells.join(" | "));
     }
     let _ = writeln!(out, "\n</details>\n\n{END}");
+    out
+}
+
+/// The phases whose Postgres CPU time the report breaks down, and how it names them.
+const POSTGRES_PHASES: [(&str, &str); 3] = [
+    ("s1.restock.32", "restock, 32 clients"),
+    ("s1.order.32", "place order, 32 clients"),
+    ("s3.command", "restock at the lag scenario's rate"),
+];
+
+/// The server's components whose Postgres sessions are measured, and what each runs.
+const POSTGRES_COMPONENTS: [(&str, &str); 7] = [
+    (
+        "statements",
+        "statement pool: commands' appends, the order process's appends, reads",
+    ),
+    (
+        "order_process",
+        "order process worker: its batches' reads and checkpoints",
+    ),
+    (
+        "read_models",
+        "read-model worker: users, products, orders, sales",
+    ),
+    ("audit_trail", "audit-trail worker"),
+    ("relay", "relay: reads of new events, its checkpoints"),
+    (
+        "pool",
+        "sqlx's pool: listeners, logins, transactions, catch-ups",
+    ),
+    ("total", "all of the server's sessions"),
+];
+
+/// Postgres's CPU time per command by the server's component whose sessions spent it
+/// (median over the runs), for the phases that measured it; empty when none did.
+fn postgres_table(runs: &[Figures]) -> String {
+    let cell = |phase: &str, component: &str| {
+        let measured = values(runs, &format!("{phase}.pg_cpu_us.{component}"));
+        (!measured.is_empty()).then(|| median(&measured))
+    };
+    let phases: Vec<(&str, &str)> = POSTGRES_PHASES
+        .into_iter()
+        .filter(|(phase, _)| cell(phase, "total").is_some())
+        .collect();
+    if phases.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### Where Postgres's CPU time went (µs a command, median of the runs)\n\n\
+         From each session's CPU time in `/proc` over the measured window, by the component \
+         of the server that holds the session (its `application_name`). Postgres's own \
+         processes (WAL writer, checkpointer) and sessions opened or closed during the \
+         window are not counted.\n"
+    );
+    let names: Vec<&str> = phases.iter().map(|(_, name)| *name).collect();
+    let _ = writeln!(out, "| sessions | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(phases.len()));
+    for (component, description) in POSTGRES_COMPONENTS {
+        let cells: Vec<String> = phases
+            .iter()
+            .map(|(phase, _)| cell(phase, component).map_or_else(|| "–".into(), number))
+            .collect();
+        if cells.iter().all(|cell| cell == "–") {
+            continue;
+        }
+        let _ = writeln!(out, "| {description} | {} |", cells.join(" | "));
+    }
     out
 }
 
@@ -588,6 +658,44 @@ mod tests {
             line.contains("| 200.0 µs | cores busy meanwhile, whole machine: 1.95 cores | – |"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn postgres_time_is_tabled_by_component_for_the_phases_that_measured_it() {
+        let runs: Vec<Figures> = [100.0, 300.0, 200.0]
+            .into_iter()
+            .map(|statements| {
+                let mut run = Figures::new();
+                run.insert("s1.order.32.pg_cpu_us.statements".into(), statements);
+                run.insert("s1.order.32.pg_cpu_us.relay".into(), 20.0);
+                run.insert("s1.order.32.pg_cpu_us.total".into(), statements + 20.0);
+                run
+            })
+            .collect();
+        let text = section(&[], &[], &runs);
+        assert!(
+            text.contains("| sessions | place order, 32 clients |\n|---|---|\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| statement pool: commands' appends, the order process's appends, reads | 200.0 |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| relay: reads of new events, its checkpoints | 20.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| all of the server's sessions | 220.0 |"),
+            "{text}"
+        );
+        // Components no phase measured get no row.
+        assert!(!text.contains("audit-trail worker"), "{text}");
+        assert!(section(&[], &[], &[Figures::new()])
+            .find("Where Postgres")
+            .is_none());
     }
 
     #[test]

@@ -101,6 +101,30 @@ fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
              stolen by the host {stolen:.2}"
         ));
     }
+    let prefix = format!("{key}.pg_cores.");
+    let postgres: Vec<(String, f64)> = figures
+        .range(prefix.clone()..)
+        .take_while(|(name, _)| name.starts_with(&prefix))
+        .map(|(name, cores)| {
+            let component = name[prefix.len()..].to_owned();
+            (component, cores / sample.rate().max(1e-9) * 1e6)
+        })
+        .collect();
+    if !postgres.is_empty() {
+        let total: f64 = postgres.iter().map(|(_, us)| us).sum();
+        let parts: Vec<String> = postgres
+            .iter()
+            .map(|(component, us)| format!("{component} {us:.0}"))
+            .collect();
+        line.push_str(&format!(
+            ", Postgres {total:.0} µs a request ({})",
+            parts.join(", ")
+        ));
+        for (component, us) in postgres {
+            put(figures, format!("{key}.pg_cpu_us.{component}"), us);
+        }
+        put(figures, format!("{key}.pg_cpu_us.total"), total);
+    }
     if let Some(failure) = &sample.first_failure {
         line.push_str(&format!(" (first failure: {failure})"));
     }
@@ -117,29 +141,46 @@ const WINDOW_GRACE: Duration = Duration::from_secs(1);
 /// for `settings.duration`), the cores kept busy: by the whole machine (server, Postgres,
 /// NATS, the harness itself) as `<key>.machine_cores`, and by the server alone as
 /// `<key>.server_cores`; and the cores the host took from the machine meanwhile (steal)
-/// as `<key>.stolen_cores`. Call it before [`put_sample`], which adds the server's CPU
-/// time per request. A phase that ends well before its window (it failed) records none
-/// of these, and is not kept waiting for the window to run out.
+/// as `<key>.stolen_cores`; and the cores Postgres kept busy on the sessions of each of
+/// the server's components as `<key>.pg_cores.<component>` (see
+/// [`server::postgres_sessions`]). Call it before [`put_sample`], which adds the server's
+/// and Postgres's CPU time per request. A phase that ends well before its window (it
+/// failed) records none of these, and is not kept waiting for the window to run out.
 async fn metered<T>(
     settings: &Settings,
-    server_pid: Option<u32>,
+    meter: &Meter,
     figures: &mut Figures,
     key: &str,
     phase: impl Future<Output = T>,
 ) -> T {
     let (warmup, duration) = (settings.warmup, settings.duration);
+    let (server_pid, database) = (meter.server_pid, meter.database.clone());
     let window = tokio::spawn(async move {
         let pid = server_pid?;
         tokio::time::sleep(warmup).await;
+        let sessions_before = match &database {
+            Some(pool) => server::postgres_sessions(pool).await.ok(),
+            None => None,
+        };
         let (start, from) = (server::cpu_time(pid)?, Instant::now());
         tokio::time::sleep(duration).await;
         let end = server::cpu_time(pid)?;
         let seconds = from.elapsed().as_secs_f64();
-        Some([
-            (end.machine - start.machine) / seconds,
-            (end.process - start.process) / seconds,
-            (end.stolen - start.stolen) / seconds,
-        ])
+        let sessions_after = match &database {
+            Some(pool) => server::postgres_sessions(pool).await.ok(),
+            None => None,
+        };
+        let postgres = sessions_before
+            .zip(sessions_after)
+            .map(|(before, after)| postgres_cores(&before, &after, seconds));
+        Some((
+            [
+                (end.machine - start.machine) / seconds,
+                (end.process - start.process) / seconds,
+                (end.stolen - start.stolen) / seconds,
+            ],
+            postgres.unwrap_or_default(),
+        ))
     });
     let result = phase.await;
     // A phase that ran its course ends with its window, give or take the scheduler.
@@ -154,12 +195,44 @@ async fn metered<T>(
             return result;
         }
     };
-    if let Ok(Some([machine, server, stolen])) = window {
+    if let Ok(Some(([machine, server, stolen], postgres))) = window {
         put(figures, format!("{key}.machine_cores"), machine);
         put(figures, format!("{key}.server_cores"), server);
         put(figures, format!("{key}.stolen_cores"), stolen);
+        for (component, cores) in postgres {
+            put(figures, format!("{key}.pg_cores.{component}"), cores);
+        }
     }
     result
+}
+
+/// What a phase is metered on: the server's process and, for Postgres's CPU time by the
+/// server's component, its database (see [`server::postgres_sessions`]).
+#[derive(Debug, Clone, Default)]
+struct Meter {
+    server_pid: Option<u32>,
+    database: Option<PgPool>,
+}
+
+/// The cores Postgres kept busy over `seconds` for each component, from the CPU time of
+/// its sessions `before` and `after`. A session that was not there at both ends (opened
+/// or closed meanwhile) is left out: the server's pools keep theirs open under load.
+fn postgres_cores(
+    before: &[(i32, &'static str, f64)],
+    after: &[(i32, &'static str, f64)],
+    seconds: f64,
+) -> BTreeMap<&'static str, f64> {
+    let mut cores = BTreeMap::new();
+    for &(pid, component, used) in after {
+        let Some(&(_, _, earlier)) = before
+            .iter()
+            .find(|&&(other, named, _)| other == pid && named == component)
+        else {
+            continue;
+        };
+        *cores.entry(component).or_insert(0.0) += (used - earlier).max(0.0) / seconds;
+    }
+    cores
 }
 
 /// What a run set up: an admin, products to write to, customers.
@@ -169,8 +242,8 @@ struct Fixture {
     products: Arc<Vec<Uuid>>,
     customers: Arc<Vec<String>>,
     pool: PgPool,
-    /// The server process, whose CPU time the phases measure.
-    server_pid: Option<u32>,
+    /// The server process and its database, whose CPU time the phases measure.
+    meter: Meter,
 }
 
 /// One run of scenarios 1, 2, 3, 5 and 6 on a fresh system.
@@ -283,8 +356,11 @@ async fn setup(database: &Database, server: &Server) -> Result<Fixture> {
         admin,
         products: Arc::new(products),
         customers: Arc::new(customers),
+        meter: Meter {
+            server_pid: server.pid(),
+            database: Some(pool.clone()),
+        },
         pool,
-        server_pid: server.pid(),
     })
 }
 
@@ -365,7 +441,7 @@ async fn writes_beside(
         ];
         for (name, phase) in baselines {
             let key = format!("s1.{name}.{clients}");
-            let sample = metered(settings, fixture.server_pid, figures, &key, phase).await?;
+            let sample = metered(settings, &fixture.meter, figures, &key, phase).await?;
             put_sample(figures, &key, &sample);
         }
 
@@ -385,7 +461,7 @@ async fn writes_beside(
                 async move { api.restock(&admin, product, 1).await }
             },
         );
-        let restocks = metered(settings, fixture.server_pid, figures, &key, restocks).await;
+        let restocks = metered(settings, &fixture.meter, figures, &key, restocks).await;
         put_sample(figures, &key, &restocks);
 
         let (api, customers, products) = (
@@ -411,7 +487,7 @@ async fn writes_beside(
                 async move { api.place_order(&token, product, 1).await }
             },
         );
-        let orders = metered(settings, fixture.server_pid, figures, &key, orders).await;
+        let orders = metered(settings, &fixture.meter, figures, &key, orders).await;
         put_sample(figures, &key, &orders);
         wait_idle(&fixture.pool).await?;
         let decided: i64 = sqlx::query_scalar(
@@ -497,14 +573,7 @@ async fn lag(
             outcome
         }
     });
-    let commands = metered(
-        settings,
-        fixture.server_pid,
-        figures,
-        "s3.command",
-        commands,
-    )
-    .await;
+    let commands = metered(settings, &fixture.meter, figures, "s3.command", commands).await;
     wait_idle(&fixture.pool).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     recorder.abort();
@@ -784,7 +853,7 @@ async fn reads(
         settings.warmup,
         settings.duration,
     );
-    let raw = metered(settings, fixture.server_pid, figures, "s5.raw_get.32", raw).await?;
+    let raw = metered(settings, &fixture.meter, figures, "s5.raw_get.32", raw).await?;
     put_sample(figures, "s5.raw_get.32", &raw);
 
     let get = |api: Api, ids: Arc<Vec<Uuid>>| {
@@ -798,14 +867,7 @@ async fn reads(
     let max_get = closed_loop(32, settings.warmup, settings.duration, move |client, i| {
         one(client * 1_000_003 + i as usize)
     });
-    let max_get = metered(
-        settings,
-        fixture.server_pid,
-        figures,
-        "s5.get_max.32",
-        max_get,
-    )
-    .await;
+    let max_get = metered(settings, &fixture.meter, figures, "s5.get_max.32", max_get).await;
     put_sample(figures, "s5.get_max.32", &max_get);
 
     let list_api = api.clone();
@@ -826,7 +888,7 @@ async fn reads(
     );
     let half_get = metered(
         settings,
-        fixture.server_pid,
+        &fixture.meter,
         figures,
         "s5.get_half.32",
         half_get,
@@ -845,7 +907,7 @@ async fn reads(
     );
     let raw_half = metered(
         settings,
-        fixture.server_pid,
+        &fixture.meter,
         figures,
         "s5.raw_get_half.32",
         raw_half,
@@ -1057,7 +1119,10 @@ mod tests {
         let phase = tokio::time::sleep(Duration::from_millis(400));
         metered(
             &timed(100, 250),
-            Some(std::process::id()),
+            &Meter {
+                server_pid: Some(std::process::id()),
+                database: None,
+            },
             &mut figures,
             "p",
             phase,
@@ -1076,7 +1141,10 @@ mod tests {
         let started = Instant::now();
         metered(
             &timed(100, 60_000),
-            Some(std::process::id()),
+            &Meter {
+                server_pid: Some(std::process::id()),
+                database: None,
+            },
             &mut figures,
             "p",
             async {},
@@ -1089,6 +1157,45 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn postgres_cores_count_the_sessions_there_at_both_ends_by_component() {
+        let before = [
+            (1, "statements", 10.0),
+            (2, "statements", 4.0),
+            (3, "relay", 1.0),
+            (4, "pool", 2.0),
+        ];
+        // 2 was closed, 5 opened, and 3's id went to another component's session.
+        let after = [
+            (1, "statements", 12.0),
+            (3, "audit_trail", 1.5),
+            (4, "pool", 2.5),
+            (5, "statements", 1.0),
+        ];
+        let cores = postgres_cores(&before, &after, 2.0);
+        assert_eq!(
+            cores.into_iter().collect::<Vec<_>>(),
+            [("pool", 0.25), ("statements", 1.0)]
+        );
+    }
+
+    #[test]
+    fn a_phase_gives_postgres_cpu_per_request_by_component_and_in_all() {
+        let mut figures = Figures::new();
+        figures.insert("p.pg_cores.relay".into(), 0.1);
+        figures.insert("p.pg_cores.statements".into(), 0.5);
+        figures.insert("q.pg_cores.relay".into(), 9.0);
+        let mut sample = Sample::default();
+        sample.ok = 1_000;
+        sample.seconds = 1.0;
+        put_sample(&mut figures, "p", &sample);
+        let per_request = |component: &str| figures[&format!("p.pg_cpu_us.{component}")];
+        assert!((per_request("relay") - 100.0).abs() < 1e-6);
+        assert!((per_request("statements") - 500.0).abs() < 1e-6);
+        assert!((per_request("total") - 600.0).abs() < 1e-6);
+        assert!(!figures.contains_key("q.pg_cpu_us.relay"));
     }
 
     #[test]

@@ -475,6 +475,58 @@ fn process_ticks(stat: &str) -> Option<u64> {
     Some(user + system)
 }
 
+/// The CPU time Postgres has spent so far on each session of the server's components in
+/// the database `pool` reaches, by process id: the session's component (see
+/// [`component`]) and its seconds, from `/proc`. Empty when Postgres runs on another
+/// machine (a process id here that is not a Postgres backend is left out), and without the
+/// harness's own sessions, Postgres's background processes, or sessions of no component.
+pub async fn postgres_sessions(pool: &sqlx::PgPool) -> Result<Vec<(i32, &'static str, f64)>> {
+    let sessions: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT pid, application_name FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(sessions
+        .into_iter()
+        .filter_map(|(pid, name)| {
+            let component = component(&name)?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let command = stat.split_once('(')?.1.rsplit_once(')')?.0;
+            (command == "postgres").then_some(())?;
+            Some((
+                pid,
+                component,
+                process_ticks(&stat)? as f64 / TICKS_PER_SECOND,
+            ))
+        })
+        .collect())
+}
+
+/// The component a session of the server serves, from the name the server gives it
+/// (`hindsight_commands::db::session_name`; the harness's URLs name no application, so
+/// the server's names start with its default): `statements` (the statement pool: the
+/// commands' appends, the order process's, the API's point reads and listings), `relay`,
+/// a worker's name (`read_models`, `audit_trail`, `order_process`), or `pool` (sqlx's pool:
+/// logins, idempotency keys, transactions, listeners, catch-ups).
+pub fn component(application_name: &str) -> Option<&'static str> {
+    let base = hindsight_commands::db::APPLICATION_NAME;
+    if application_name == base {
+        return Some("pool");
+    }
+    let rest = application_name.strip_prefix(base)?.strip_prefix(' ')?;
+    let (kind, name) = rest.split_once(' ').unwrap_or((rest, ""));
+    match (kind, name) {
+        ("statements", "") => Some("statements"),
+        ("relay", _) => Some("relay"),
+        ("worker", name) => WORKERS.iter().copied().find(|worker| *worker == name),
+        _ => None,
+    }
+}
+
+/// The server's workers, as `component` names them.
+pub const WORKERS: [&str; 3] = ["read_models", "audit_trail", "order_process"];
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -536,6 +588,32 @@ pub async fn remove_leftovers(postgres_url: &str, nats_url: &str) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_is_counted_to_the_component_its_name_gives() {
+        let named = |component: &str| {
+            hindsight_commands::db::session_name(
+                &sqlx::postgres::PgConnectOptions::new(),
+                component,
+            )
+        };
+        assert_eq!(component("hindsight"), Some("pool"));
+        assert_eq!(component(&named("statements")), Some("statements"));
+        assert_eq!(component(&named("relay bench_run1_7")), Some("relay"));
+        for worker in WORKERS {
+            assert_eq!(component(&named(&format!("worker {worker}"))), Some(worker));
+        }
+        for other in [
+            "",
+            "psql",
+            "hindsight-bench",
+            "hindsightstatements",
+            "hindsight worker someone_else",
+            "hindsight statements extra",
+        ] {
+            assert_eq!(component(other), None, "{other:?}");
+        }
+    }
 
     #[test]
     fn the_database_name_is_replaced_keeping_the_query() {

@@ -24,7 +24,15 @@ pub const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// idle longer than [`CHECK_AFTER_IDLE`], those a database restart may have cut while
 /// nobody used them. A connection that breaks while in use fails its query and is closed
 /// when it comes back, by the second check.
+///
+/// Its sessions carry the application name of `options`, or [`APPLICATION_NAME`] when they
+/// name none (see [`session_name`]).
 pub fn pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    let options = if options.get_application_name().is_some() {
+        options
+    } else {
+        options.application_name(APPLICATION_NAME)
+    };
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_secs(5))
@@ -38,6 +46,29 @@ pub fn pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
             })
         })
         .connect_lazy_with(options)
+}
+
+/// The application name of Hindsight's Postgres sessions when the database URL names
+/// none (`application_name=...`).
+pub const APPLICATION_NAME: &str = "hindsight";
+
+/// The name a session of `component` carries in `pg_stat_activity`: the pool's application
+/// name, then the component (`hindsight statements`, `hindsight relay events`, `hindsight
+/// worker read_models`). An operator can tell from it which part of which process a
+/// session serves, and what its CPU time, locks or long statements are spent on.
+pub fn session_name(options: &PgConnectOptions, component: &str) -> String {
+    let base = options.get_application_name().unwrap_or(APPLICATION_NAME);
+    format!("{base} {component}")
+}
+
+/// Names the session of `connection` (see [`session_name`]) for as long as it lasts: for a
+/// session taken out of its pool, such as a leader's.
+pub async fn name_session(connection: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('application_name', $1, false)")
+        .bind(name)
+        .execute(connection)
+        .await
+        .map(drop)
 }
 
 /// The connection options of a `postgres://` URL, as Postgres's own clients read it, with
@@ -228,6 +259,28 @@ mod tests {
 
     fn options(url: &str) -> PgConnectOptions {
         PgConnectOptions::from_str(url).unwrap()
+    }
+
+    #[test]
+    fn sessions_are_named_after_the_urls_application_or_hindsight() {
+        let unnamed = options("postgres://h/db");
+        assert_eq!(session_name(&unnamed, "statements"), "hindsight statements");
+        let named = options("postgres://h/db?application_name=shop-eu");
+        assert_eq!(session_name(&named, "relay events"), "shop-eu relay events");
+    }
+
+    #[tokio::test]
+    async fn a_pool_names_its_sessions_unless_the_url_did() {
+        let unnamed = pool(options("postgres://h/db"), 1);
+        assert_eq!(
+            unnamed.connect_options().get_application_name(),
+            Some(APPLICATION_NAME)
+        );
+        let named = pool(options("postgres://h/db?application_name=shop-eu"), 1);
+        assert_eq!(
+            named.connect_options().get_application_name(),
+            Some("shop-eu")
+        );
     }
 
     #[test]

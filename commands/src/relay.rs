@@ -234,6 +234,14 @@ impl Relay {
         else {
             return Ok(false);
         };
+        let name = crate::db::session_name(
+            &self.pool.connect_options(),
+            &format!("relay {}", self.settings.stream),
+        );
+        if let Err(error) = crate::db::name_session(&mut leader, &name).await {
+            crate::db::end_session(leader).await;
+            return Err(error.into());
+        }
         tracing::info!(stream = %self.settings.stream, "relay is active");
         let result = self.relay(&mut leader, shutdown).await;
         crate::db::end_session(leader).await;

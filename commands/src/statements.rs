@@ -26,7 +26,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::db::CHECK_AFTER_IDLE;
+use crate::db::{session_name, CHECK_AFTER_IDLE};
 
 /// How long a caller waits for a connection before [`sqlx::Error::PoolTimedOut`] (as for
 /// sqlx's pool in [`db::pool`](crate::db::pool)).
@@ -87,10 +87,13 @@ impl StatementPool {
         }
     }
 
-    /// A pool for the same database as `pool`, of the same size.
+    /// A pool for the same database as `pool`, of the same size, its sessions named as
+    /// `pool`'s followed by `statements` (see [`session_name`]).
     pub fn beside(pool: &PgPool) -> Self {
+        let options = pool.connect_options();
+        let name = session_name(&options, "statements");
         Self::new(
-            (*pool.connect_options()).clone(),
+            (*options).clone().application_name(&name),
             pool.options().get_max_connections(),
         )
     }

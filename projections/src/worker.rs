@@ -422,6 +422,14 @@ impl ProjectionWorker {
         else {
             return Ok(false);
         };
+        let name = hindsight_commands::db::session_name(
+            &self.pool.connect_options(),
+            &format!("worker {}", self.name),
+        );
+        if let Err(error) = hindsight_commands::db::name_session(&mut leader, &name).await {
+            hindsight_commands::db::end_session(leader).await;
+            return Err(error.into());
+        }
         let result = self.project(&mut leader, running, shutdown).await;
         hindsight_commands::db::end_session(leader).await;
         result.map(|()| true)

@@ -257,3 +257,51 @@ async fn a_database_on_this_host_is_reached_without_tls_unless_the_url_names_a_m
         );
     }
 }
+
+/// Every session of a running system names the component it serves in `pg_stat_activity`:
+/// sqlx's pool, the statement pool, the relay and each worker's leader.
+#[tokio::test]
+async fn every_session_names_the_component_it_serves() {
+    let system = hindsight_tests::TestSystem::start().await;
+    let admin = system.user(hindsight_domain::role::Role::Admin).await;
+    // A command appends through the statement pool.
+    system
+        .create_product(
+            &admin.access_token,
+            serde_json::json!({
+                "sku": "NAMED-1",
+                "name": "Named",
+                "price": {"amount": 100, "currency": "EUR"},
+                "stock": 1
+            }),
+        )
+        .await;
+    let expected: std::collections::BTreeSet<String> = [
+        "hindsight".to_owned(),
+        "hindsight statements".to_owned(),
+        format!("hindsight relay {}", system.stream.stream),
+        "hindsight worker read_models".to_owned(),
+        "hindsight worker audit_trail".to_owned(),
+        "hindsight worker order_process".to_owned(),
+    ]
+    .into();
+    let names = || async {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&system.db.pool)
+        .await
+        .expect("pg_stat_activity answers");
+        names
+            .into_iter()
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    hindsight_tests::eventually(10, "every component's session is named", || async {
+        expected.is_subset(&names().await)
+    })
+    .await;
+    // Nothing else: every session is one of these.
+    let unexpected: Vec<String> = names().await.difference(&expected).cloned().collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+}
