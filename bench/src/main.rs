@@ -198,7 +198,7 @@ async fn measure(args: Args) -> Result<()> {
         (
             "Phases".to_owned(),
             format!(
-                "{} s measured after {} s of warm-up; closed loops for maximum rates, open loops (requests paced evenly by a thread of their own, latency counted from each request's due time) for latency at a fixed rate; cores busy and the server's CPU per request read from /proc over each measured window",
+                "{} s measured after {} s of warm-up; closed loops for maximum rates, open loops (requests paced evenly by a thread of their own, latency counted from each request's due time) for latency at a fixed rate; cores busy, the server's CPU per request and Postgres's by the server's component read from /proc over each measured window",
                 settings.duration.as_secs_f64(),
                 settings.warmup.as_secs_f64()
             ),

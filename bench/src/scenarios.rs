@@ -101,17 +101,24 @@ fn put_sample(figures: &mut Figures, key: &str, sample: &Sample) {
              stolen by the host {stolen:.2}"
         ));
     }
+    // Postgres's cores by component become its CPU time per request; a phase in which
+    // the server's sessions spent nothing (a baseline's) keeps no figure of them.
     let prefix = format!("{key}.pg_cores.");
-    let postgres: Vec<(String, f64)> = figures
+    let measured: Vec<String> = figures
         .range(prefix.clone()..)
         .take_while(|(name, _)| name.starts_with(&prefix))
-        .map(|(name, cores)| {
+        .map(|(name, _)| name.clone())
+        .collect();
+    let postgres: Vec<(String, f64)> = measured
+        .iter()
+        .filter_map(|name| {
+            let cores = figures.remove(name)?;
             let component = name[prefix.len()..].to_owned();
-            (component, cores / sample.rate().max(1e-9) * 1e6)
+            Some((component, cores / sample.rate().max(1e-9) * 1e6))
         })
         .collect();
-    if !postgres.is_empty() {
-        let total: f64 = postgres.iter().map(|(_, us)| us).sum();
+    let total: f64 = postgres.iter().map(|(_, us)| us).sum();
+    if total > 0.0 {
         let parts: Vec<String> = postgres
             .iter()
             .map(|(component, us)| format!("{component} {us:.0}"))
@@ -144,7 +151,8 @@ const WINDOW_GRACE: Duration = Duration::from_secs(1);
 /// as `<key>.stolen_cores`; and the cores Postgres kept busy on the sessions of each of
 /// the server's components as `<key>.pg_cores.<component>` (see
 /// [`server::postgres_sessions`]). Call it before [`put_sample`], which adds the server's
-/// and Postgres's CPU time per request. A phase that ends well before its window (it
+/// CPU time per request and turns Postgres's cores into its CPU time per request
+/// (`<key>.pg_cpu_us.<component>` and `.total`). A phase that ends well before its window (it
 /// failed) records none of these, and is not kept waiting for the window to run out.
 async fn metered<T>(
     settings: &Settings,
@@ -1196,6 +1204,12 @@ mod tests {
         assert!((per_request("statements") - 500.0).abs() < 1e-6);
         assert!((per_request("total") - 600.0).abs() < 1e-6);
         assert!(!figures.contains_key("q.pg_cpu_us.relay"));
+        assert!(!figures.keys().any(|key| key.starts_with("p.pg_cores.")));
+
+        // A baseline's phase: the server's sessions idle.
+        figures.insert("b.pg_cores.relay".into(), 0.0);
+        put_sample(&mut figures, "b", &sample);
+        assert!(!figures.keys().any(|key| key.starts_with("b.pg_")));
     }
 
     #[test]

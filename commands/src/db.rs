@@ -61,14 +61,26 @@ pub fn session_name(options: &PgConnectOptions, component: &str) -> String {
     format!("{base} {component}")
 }
 
-/// Names the session of `connection` (see [`session_name`]) for as long as it lasts: for a
-/// session taken out of its pool, such as a leader's.
-pub async fn name_session(connection: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT set_config('application_name', $1, false)")
+/// Names a session taken out of `pool` by [`try_session_lock`] or [`try_session_locks`]
+/// after `component` (see [`session_name`]), for as long as it lasts. If that fails, the
+/// session is ended ([`end_session`]: its locks released) and the error returned.
+pub async fn name_session(
+    pool: &PgPool,
+    mut connection: PgConnection,
+    component: &str,
+) -> Result<PgConnection, sqlx::Error> {
+    let name = session_name(&pool.connect_options(), component);
+    let named = sqlx::query("SELECT set_config('application_name', $1, false)")
         .bind(name)
-        .execute(connection)
-        .await
-        .map(drop)
+        .execute(&mut connection)
+        .await;
+    match named {
+        Ok(_) => Ok(connection),
+        Err(error) => {
+            end_session(connection).await;
+            Err(error)
+        }
+    }
 }
 
 /// The connection options of a `postgres://` URL, as Postgres's own clients read it, with

@@ -229,19 +229,13 @@ impl Relay {
     async fn lead(&self, shutdown: &CancellationToken) -> Result<bool, RelayError> {
         // The lock lives as long as this dedicated session: if the process dies, the
         // server ends the session and another relay takes over.
-        let Some(mut leader) =
+        let Some(leader) =
             crate::db::try_session_lock(&self.pool, &self.settings.leader_key()).await?
         else {
             return Ok(false);
         };
-        let name = crate::db::session_name(
-            &self.pool.connect_options(),
-            &format!("relay {}", self.settings.stream),
-        );
-        if let Err(error) = crate::db::name_session(&mut leader, &name).await {
-            crate::db::end_session(leader).await;
-            return Err(error.into());
-        }
+        let component = format!("relay {}", self.settings.stream);
+        let mut leader = crate::db::name_session(&self.pool, leader, &component).await?;
         tracing::info!(stream = %self.settings.stream, "relay is active");
         let result = self.relay(&mut leader, shutdown).await;
         crate::db::end_session(leader).await;

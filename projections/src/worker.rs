@@ -418,18 +418,13 @@ impl ProjectionWorker {
             .map(|model| self.leader_key(model.name()))
             .collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let Some(mut leader) = hindsight_commands::db::try_session_locks(&self.pool, &keys).await?
+        let Some(leader) = hindsight_commands::db::try_session_locks(&self.pool, &keys).await?
         else {
             return Ok(false);
         };
-        let name = hindsight_commands::db::session_name(
-            &self.pool.connect_options(),
-            &format!("worker {}", self.name),
-        );
-        if let Err(error) = hindsight_commands::db::name_session(&mut leader, &name).await {
-            hindsight_commands::db::end_session(leader).await;
-            return Err(error.into());
-        }
+        let component = format!("worker {}", self.name);
+        let mut leader =
+            hindsight_commands::db::name_session(&self.pool, leader, &component).await?;
         let result = self.project(&mut leader, running, shutdown).await;
         hindsight_commands::db::end_session(leader).await;
         result.map(|()| true)
