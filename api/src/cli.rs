@@ -13,16 +13,22 @@ use serde_json::json;
 use crate::config::{AuditArgs, DatabaseArgs, ExportArgs, UserCreateArgs};
 use crate::password::Passwords;
 
-fn pool(args: &DatabaseArgs) -> sqlx::PgPool {
-    db::pool(
-        args.database_url.connect_options(),
-        args.db_max_connections.min(4),
-    )
+/// The pool of a command-line `command`, its sessions named after it (`hindsight
+/// migrate`, see [`db::session_name`]) so an operator can tell them in `pg_stat_activity`
+/// from a server's.
+fn pool(args: &DatabaseArgs, command: &str) -> sqlx::PgPool {
+    named_pool(args, command, args.db_max_connections.min(4))
+}
+
+fn named_pool(args: &DatabaseArgs, command: &str, max_connections: u32) -> sqlx::PgPool {
+    let options = args.database_url.connect_options();
+    let name = db::session_name(&options, command);
+    db::pool(options.application_name(&name), max_connections)
 }
 
 /// `hindsight migrate`: applies pending migrations; prints what it applied.
 pub async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
-    let pool = pool(&args);
+    let pool = pool(&args, "migrate");
     let report = db::migrate(&pool)
         .await
         .context("applying database migrations (check DATABASE_URL)")?;
@@ -65,7 +71,7 @@ pub async fn create_user(args: UserCreateArgs) -> anyhow::Result<()> {
     let password_hash =
         PasswordHash::new(hash).map_err(|error| anyhow::anyhow!("password: {error}"))?;
 
-    let pool = pool(&args.database);
+    let pool = pool(&args.database, "user create");
     db::migrate(&pool)
         .await
         .context("applying database migrations (check DATABASE_URL)")?;
@@ -107,7 +113,7 @@ pub async fn create_user(args: UserCreateArgs) -> anyhow::Result<()> {
 
 /// `hindsight projections list`: a table on standard output.
 pub async fn list_projections(args: DatabaseArgs) -> anyhow::Result<()> {
-    let pool = pool(&args);
+    let pool = pool(&args, "projections list");
     let standing =
         hindsight_projections::status::standing(&pool, &hindsight_projections::status::names())
             .await
@@ -139,7 +145,7 @@ pub async fn projection_status(args: DatabaseArgs, name: String) -> anyhow::Resu
         .ok_or_else(|| {
             anyhow::anyhow!("no projection is named `{name}`; see `hindsight projections list`")
         })?;
-    let pool = pool(&args);
+    let pool = pool(&args, "projections status");
     let standing = hindsight_projections::status::standing(&pool, &[name])
         .await
         .context("reading projection checkpoints (check DATABASE_URL)")?;
@@ -165,8 +171,9 @@ pub async fn rebuild_projections(
         name.into_iter().collect()
     };
     // One connection per copy being filled, two for the readers, two to keep track.
-    let pool = db::pool(
-        args.database_url.connect_options(),
+    let pool = named_pool(
+        &args,
+        "projections rebuild",
         args.db_max_connections.min(names.len() as u32 + 4),
     );
     db::migrate(&pool)
@@ -246,7 +253,7 @@ pub async fn rebuild_projections(
 pub async fn export_events(args: ExportArgs) -> anyhow::Result<()> {
     use futures::StreamExt as _;
     use std::io::Write as _;
-    let pool = pool(&args.database);
+    let pool = pool(&args.database, "events export");
     let filter = hindsight_commands::history::HistoryFilter {
         after: args.after,
         aggregate_type: args.aggregate_type,
@@ -302,7 +309,7 @@ pub fn refuse_undecodable(checked: &[hindsight_commands::upcast::Checked]) -> an
 
 /// `hindsight events check`: every stored event, one line per kind on standard output.
 pub async fn check_events(args: DatabaseArgs) -> anyhow::Result<()> {
-    let pool = pool(&args);
+    let pool = pool(&args, "events check");
     let checked = hindsight_commands::upcast::check_stored_events(&pool, false)
         .await
         .context("reading the event store (check DATABASE_URL)")?;
@@ -326,7 +333,7 @@ pub async fn check_events(args: DatabaseArgs) -> anyhow::Result<()> {
 
 /// `hindsight audit verify`: the integrity report as JSON; non-zero when broken.
 pub async fn verify_history(args: AuditArgs) -> anyhow::Result<()> {
-    let pool = pool(&args.database);
+    let pool = pool(&args.database, "audit verify");
     let report = hindsight_commands::integrity::verify(&pool, &args.audit_key.key())
         .await
         .context("reading the event store (check DATABASE_URL)")?;
@@ -340,5 +347,42 @@ pub async fn verify_history(args: AuditArgs) -> anyhow::Result<()> {
             broken.reason
         ),
         None => bail!("the history failed verification"),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    }
+
+    fn database(url: &str) -> DatabaseArgs {
+        Args::try_parse_from(["hindsight", "--database-url", url])
+            .unwrap()
+            .database
+    }
+
+    #[tokio::test]
+    async fn a_commands_sessions_are_named_after_it() {
+        let unnamed = pool(&database("postgres://h/db"), "projections rebuild");
+        assert_eq!(
+            unnamed.connect_options().get_application_name(),
+            Some("hindsight projections rebuild")
+        );
+        let named = pool(
+            &database("postgres://h/db?application_name=shop-eu"),
+            "migrate",
+        );
+        assert_eq!(
+            named.connect_options().get_application_name(),
+            Some("shop-eu migrate")
+        );
     }
 }
