@@ -524,7 +524,8 @@ pub fn component(application_name: &str) -> Option<&'static str> {
     }
 }
 
-/// The server's workers, as `component` names them.
+/// The server's workers, as `component` names them: its read-model groups and its process
+/// manager.
 pub const WORKERS: [&str; 3] = ["read_models", "audit_trail", "order_process"];
 
 fn free_port() -> Result<u16> {
@@ -603,6 +604,14 @@ mod tests {
         for worker in WORKERS {
             assert_eq!(component(&named(&format!("worker {worker}"))), Some(worker));
         }
+        // The read-model groups the server runs and its process manager: a new group must
+        // be counted too.
+        let mut served: Vec<&str> = hindsight_projections::read_model_groups()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        served.push(hindsight_projections::order_process::NAME);
+        assert_eq!(served, WORKERS);
         for other in [
             "",
             "psql",
