@@ -217,6 +217,11 @@ pub struct ServeArgs {
     /// Postgres keeps every event regardless; projections read older ranges from it.
     #[arg(long, env = "HINDSIGHT_NATS_MAX_AGE", value_name = "HINDSIGHT_NATS_MAX_AGE", value_parser = parse_duration)]
     pub nats_max_age: Option<Duration>,
+    /// How long a projection's live batch waits, from its first event, for more before it
+    /// is applied (`0s` applies what has arrived at once): fewer, fuller transactions at a
+    /// steady rate, for at most this much more staleness.
+    #[arg(long, env = "HINDSIGHT_PROJECTION_LINGER", value_name = "HINDSIGHT_PROJECTION_LINGER", default_value = "3ms", value_parser = parse_duration_or_zero)]
+    pub projection_linger: Duration,
 
     /// Address the HTTP API listens on.
     #[arg(

@@ -162,7 +162,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // stops on a poison event must not stop the process or the other projections.
     let mut workers = JoinSet::new();
     if args.run_projections {
-        let settings = WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix);
+        let mut settings = WorkerSettings::new(&args.nats_stream, &args.nats_subject_prefix);
+        settings.linger = args.projection_linger;
         for worker in
             hindsight_projections::workers(&state.pool, &nats, state.commands.clone(), &settings)
         {

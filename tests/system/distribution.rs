@@ -431,6 +431,7 @@ async fn ledger_table(db: &TestDb) {
              plan_cache_mode text NOT NULL DEFAULT current_setting('plan_cache_mode'), \
              synchronous_commit text NOT NULL DEFAULT current_setting('synchronous_commit'), \
              enable_hashjoin text NOT NULL DEFAULT current_setting('enable_hashjoin'), \
+             transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(), \
              PRIMARY KEY (projection, position))",
     )
     .execute(&db.pool)
@@ -491,15 +492,109 @@ async fn stops_just_before(db: &TestDb, name: &str, poison: i64) {
 }
 
 fn spawn_worker(db: &TestDb, stream: &TestStream, model: Arc<dyn ReadModel>) -> CancellationToken {
+    spawn_worker_with(db, stream, model, stream.worker_settings())
+}
+
+fn spawn_worker_with(
+    db: &TestDb,
+    stream: &TestStream,
+    model: Arc<dyn ReadModel>,
+    settings: worker::WorkerSettings,
+) -> CancellationToken {
     let stop = CancellationToken::new();
-    let worker = ProjectionWorker::new(
-        db.pool.clone(),
-        stream.client.clone(),
-        model,
-        stream.worker_settings(),
-    );
+    let worker = ProjectionWorker::new(db.pool.clone(), stream.client.clone(), model, settings);
     tokio::spawn(worker.run(stop.clone()));
     stop
+}
+
+/// How many of ledger `name`'s rows each of its transactions wrote, in commit order.
+async fn ledger_transactions(db: &TestDb, name: &str, after: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM test_ledger WHERE projection = $1 AND position > $2 \
+         GROUP BY transaction_id ORDER BY min(position)",
+    )
+    .bind(name)
+    .bind(after)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// A live batch waits for the events that arrive within its linger and applies them in one
+/// transaction; without a linger the same events, arriving 50 ms apart, are applied as
+/// they come.
+#[tokio::test]
+async fn a_live_batch_gathers_the_events_that_arrive_within_its_linger() {
+    let (db, stream, relay_stop) = ledger_system().await;
+    let mut lingering = stream.worker_settings();
+    lingering.linger = Duration::from_secs(2);
+    let mut at_once = stream.worker_settings();
+    at_once.linger = Duration::ZERO;
+    let stops = [
+        spawn_worker_with(&db, &stream, ledger_model("ledger", true), lingering),
+        spawn_worker_with(&db, &stream, ledger_model("ledger_now", true), at_once),
+    ];
+    let product = create_product(&db, "LINGER-1").await;
+    let first = restock(&db, product, 1).await;
+    for name in ["ledger", "ledger_now"] {
+        projection_reaches(&db, name, first).await;
+        projection_goes_live(&db, name).await;
+    }
+    let mut last = first;
+    for n in 1..=5 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = restock(&db, product, n).await;
+    }
+    projection_reaches(&db, "ledger", last).await;
+    projection_reaches(&db, "ledger_now", last).await;
+    assert_eq!(ledger_transactions(&db, "ledger", first).await, [5]);
+    let as_they_came = ledger_transactions(&db, "ledger_now", first).await;
+    assert!(as_they_came.len() > 1, "{as_they_came:?}");
+    for name in ["ledger", "ledger_now"] {
+        assert_eq!(ledger(&db, name).await, committed_positions(&db).await);
+    }
+    for stop in stops {
+        stop.cancel();
+    }
+    relay_stop.cancel();
+}
+
+/// A lingering batch holds at most `batch_size` events: what arrives beyond (here a burst
+/// of ten while a batch of one waits) starts the next batch, and nothing is lost or
+/// applied twice.
+#[tokio::test]
+async fn a_lingering_batch_holds_at_most_a_batch_and_carries_the_rest_over() {
+    let (db, stream, relay_stop) = ledger_system().await;
+    let mut settings = stream.worker_settings();
+    settings.linger = Duration::from_millis(500);
+    settings.batch_size = 3;
+    let worker_stop = spawn_worker_with(&db, &stream, ledger_model("ledger", true), settings);
+    let product = create_product(&db, "LINGER-2").await;
+    let first = restock(&db, product, 1).await;
+    projection_reaches(&db, "ledger", first).await;
+    projection_goes_live(&db, "ledger").await;
+    // One event starts a batch lingering; ten more arrive at once while it waits.
+    restock(&db, product, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut last = 0;
+    for sequence in 1..=10 {
+        last = hindsight_tests::append_raw_event(&mut tx, "burst", sequence, "Burst").await;
+    }
+    // Announced as the write path announces its appends, so the relay need not poll.
+    sqlx::query("SELECT pg_notify($1, 'test')")
+        .bind(EVENTS_CHANNEL)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    projection_reaches(&db, "ledger", last).await;
+    let sizes = ledger_transactions(&db, "ledger", first).await;
+    assert_eq!(sizes.iter().sum::<i64>(), 11, "{sizes:?}");
+    assert!(sizes.iter().all(|&size| size <= 3), "{sizes:?}");
+    assert_eq!(ledger(&db, "ledger").await, committed_positions(&db).await);
+    worker_stop.cancel();
+    relay_stop.cancel();
 }
 
 async fn projection_reaches(db: &TestDb, name: &str, position: i64) {
