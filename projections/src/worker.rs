@@ -4,7 +4,9 @@
 //! A worker runs a group of read models (the process runs all read models in one group,
 //! and each process manager in a group of its own) from one durable JetStream consumer.
 //! Each batch of messages is received and decoded once, applied to every member, and the
-//! members' checkpoints advanced, all in one Postgres transaction; messages are
+//! members' checkpoints advanced, all in one Postgres transaction (a live batch waits
+//! [`WorkerSettings::linger`] from its first message for more, so that a steady trickle
+//! of events is not one transaction each); messages are
 //! acknowledged only after it commits. That commit does not wait for its WAL flush: should
 //! the database crash first, rows and checkpoints go back together, and the worker's
 //! start-up catch-up applies those events again from the store. An event at or below a
@@ -608,10 +610,10 @@ impl ProjectionWorker {
     where
         S: futures::Stream<Item = Vec<T>> + Unpin,
     {
-        let batch = self.settings.batch_size.max(1);
         if self.settings.linger.is_zero() {
             return;
         }
+        let batch = self.settings.batch_size.max(1);
         let until = tokio::time::Instant::now() + self.settings.linger;
         while chunk.len() < batch {
             match tokio::time::timeout_at(until, messages.next()).await {
