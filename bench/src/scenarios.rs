@@ -166,18 +166,12 @@ async fn metered<T>(
     let window = tokio::spawn(async move {
         let pid = server_pid?;
         tokio::time::sleep(warmup).await;
-        let sessions_before = match &database {
-            Some(pool) => server::postgres_sessions(pool).await.ok(),
-            None => None,
-        };
+        let sessions_before = postgres_sessions(database.as_ref()).await;
         let (start, from) = (server::cpu_time(pid)?, Instant::now());
         tokio::time::sleep(duration).await;
         let end = server::cpu_time(pid)?;
         let seconds = from.elapsed().as_secs_f64();
-        let sessions_after = match &database {
-            Some(pool) => server::postgres_sessions(pool).await.ok(),
-            None => None,
-        };
+        let sessions_after = postgres_sessions(database.as_ref()).await;
         let postgres = sessions_before
             .zip(sessions_after)
             .map(|(before, after)| postgres_cores(&before, &after, seconds));
@@ -220,6 +214,12 @@ async fn metered<T>(
 struct Meter {
     server_pid: Option<u32>,
     database: Option<PgPool>,
+}
+
+/// The server's Postgres sessions and their CPU time so far, when the phase names the
+/// server's database and they can be read.
+async fn postgres_sessions(database: Option<&PgPool>) -> Option<Vec<(i32, &'static str, f64)>> {
+    server::postgres_sessions(database?).await.ok()
 }
 
 /// The cores Postgres kept busy over `seconds` for each component, from the CPU time of
