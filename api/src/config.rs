@@ -557,6 +557,8 @@ mod tests {
         assert_eq!(args.access_token_ttl, Duration::from_secs(15 * 60));
         assert_eq!(args.body_limit, 65536);
         assert!(args.rate_limits && args.run_api && args.run_relay && args.run_projections);
+        // The flag's default is the workers' own.
+        assert_eq!(args.projection_linger, hindsight_projections::worker::LINGER);
     }
 
     #[test]
