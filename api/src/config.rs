@@ -558,7 +558,10 @@ mod tests {
         assert_eq!(args.body_limit, 65536);
         assert!(args.rate_limits && args.run_api && args.run_relay && args.run_projections);
         // The flag's default is the workers' own.
-        assert_eq!(args.projection_linger, hindsight_projections::worker::LINGER);
+        assert_eq!(
+            args.projection_linger,
+            hindsight_projections::worker::LINGER
+        );
     }
 
     #[test]
